@@ -1,0 +1,12 @@
+"""pagedjax: PagedAttention and vLLM-style KV-cache memory management in JAX/Pallas.
+
+Layers, in the one direction data flows:
+  host manager (block_allocator, block_manager, scheduler)  ->  step plan (numpy)
+  -> device state (kv_cache: immutable pytree of KV pages, donated into jitted steps)
+  -> jitted Flax steps (model) calling one attention dispatch (attention: xla | pallas).
+"""
+
+from pagedjax.block_allocator import BlockAllocator
+from pagedjax.block_manager import BlockManager, NoFreeBlocksError, SequenceStateError
+
+__all__ = ["BlockAllocator", "BlockManager", "NoFreeBlocksError", "SequenceStateError"]

@@ -1,0 +1,512 @@
+"""Per-sequence block tables over a device pool and a host (swap) pool.
+
+`BlockManager` decides where every token's K/V lives: sequence -> block table
+(logical block i -> physical block id) on top of two `BlockAllocator`s, one for
+device blocks and one for host blocks. It implements vLLM's check/act pairs:
+`can_allocate`/`allocate` (prompt), `can_append`/`append_slot` (one decode
+token, with copy-on-write when the block being written is shared), `fork`
+(child shares all of the parent's blocks), `free`, and
+`can_swap_out`/`swap_out`, `can_swap_in`/`swap_in` (whole fork groups at once,
+shared blocks move once).
+
+It does not touch device memory: acts that need data moved return copy ops
+`(src_block, dst_block)` for the device layer (`pagedjax.kv_cache`) to run
+before the step that reads them. It does not schedule; that is
+`pagedjax.scheduler`.
+
+Errors: a bad sequence id or an act on a sequence in the wrong place raises
+`SequenceStateError` (a `ValueError` naming the id); a pool too small raises
+`NoFreeBlocksError`. Every act checks before it mutates, so a failed act leaves
+every table, count and free list exactly as it was. `can_*` answer only the
+capacity question: they return False for too few blocks and raise for bad ids.
+"""
+
+import collections
+import dataclasses
+from collections.abc import Hashable, Iterable
+from typing import NamedTuple
+
+import numpy as np
+
+from pagedjax.block_allocator import BlockAllocator, NoFreeBlocksError
+
+__all__ = [
+    "BlockManager", "MemoryStats", "NoFreeBlocksError", "SequenceStateError", "SlotRef",
+]
+
+
+class SequenceStateError(ValueError):
+  """Unknown id, double free, fork onto an existing id, or a sequence in the wrong pool."""
+
+
+_tuple_new = tuple.__new__
+
+
+class SlotRef(NamedTuple):
+  """Where the token reserved by `BlockManager.append_slot` goes.
+
+  A NamedTuple (immutable) rather than a frozen dataclass: it is built once per
+  sequence per decode step, and a frozen dataclass costs ~1 us to construct.
+
+  Attributes:
+    block_id: Physical device block of the slot.
+    offset: Slot within the block; the flat slot is `block_id * block_size + offset`.
+    cow: `(src_block, dst_block)` copy to run before writing, or None.
+  """
+  block_id: int
+  offset: int
+  cow: tuple[int, int] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryStats:
+  """A snapshot of pool usage. Token counts cover device-resident sequences only.
+
+  Attributes:
+    block_size: Token slots per block.
+    total_device_blocks / free_device_blocks / used_device_blocks: Device pool.
+    total_host_blocks / free_host_blocks / used_host_blocks: Host (swap) pool.
+    num_seqs: Sequences known to the manager (resident + swapped).
+    num_swapped_seqs: Sequences whose blocks are in the host pool.
+    logical_tokens: Sum of `num_tokens` over resident sequences: the slots a
+      cache without sharing would fill.
+    tokens_stored: Filled (reserved) slots in used device blocks, each physical
+      slot counted once however many sequences share it. `logical_tokens -
+      tokens_stored` is what block sharing saves.
+    empty_slots: Reserved but unfilled slots in used device blocks
+      (`used_device_blocks * block_size - tokens_stored`): internal fragmentation.
+    fragmentation: `empty_slots / (used_device_blocks * block_size)`, 0 when empty.
+    shared_blocks: Device blocks held by more than one sequence (ref count > 1).
+    peak_used_blocks: High-water mark of `used_device_blocks` since construction.
+  """
+  block_size: int
+  total_device_blocks: int
+  free_device_blocks: int
+  used_device_blocks: int
+  total_host_blocks: int
+  free_host_blocks: int
+  used_host_blocks: int
+  num_seqs: int
+  num_swapped_seqs: int
+  logical_tokens: int
+  tokens_stored: int
+  empty_slots: int
+  fragmentation: float
+  shared_blocks: int
+  peak_used_blocks: int
+
+  def as_dict(self) -> dict[str, int | float]:
+    return dataclasses.asdict(self)
+
+
+class _Seq:
+  """One sequence's block table; `swapped` says which pool the ids refer to."""
+  __slots__ = ("table", "num_tokens", "swapped")
+
+  def __init__(self, table: list[int], num_tokens: int):
+    self.table = table
+    self.num_tokens = num_tokens
+    self.swapped = False
+
+
+class BlockManager:
+  """Block tables for sequences over a device pool and a host swap pool.
+
+  Attributes:
+    block_size: Token slots per block.
+    num_blocks: Device pool size.
+    num_host_blocks: Host pool size (0: swapping is impossible).
+    watermark_blocks: Device blocks `can_allocate` / `can_swap_in` keep free so
+      running sequences can still grow (vLLM's watermark); acts ignore it.
+    device_allocator / host_allocator: The two pools (read them, do not mutate).
+  """
+
+  def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0, *,
+               watermark: float = 0.0):
+    """Creates a manager with both pools empty.
+
+    Args:
+      num_blocks: Device blocks, >= 1.
+      block_size: Token slots per block, >= 1.
+      num_host_blocks: Host (swap) blocks, >= 0.
+      watermark: Fraction of device blocks, in [0, 1), that admission checks
+        (`can_allocate`, `can_swap_in`) leave free.
+
+    Raises:
+      ValueError: on a value out of range.
+    """
+    if num_blocks < 1:
+      raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if num_host_blocks < 0:
+      raise ValueError(f"num_host_blocks must be >= 0, got {num_host_blocks}")
+    if not 0.0 <= watermark < 1.0:
+      raise ValueError(f"watermark must be in [0, 1), got {watermark}")
+    self.device_allocator = BlockAllocator(num_blocks, block_size)  # checks block_size
+    self.host_allocator = BlockAllocator(num_host_blocks, block_size)
+    self.block_size = block_size
+    self.num_blocks = num_blocks
+    self.num_host_blocks = num_host_blocks
+    self.watermark_blocks = int(watermark * num_blocks)
+    self._seqs: dict[Hashable, _Seq] = {}
+    self._peak_used = 0
+
+  # ---------------------------------------------------------------- queries
+  @property
+  def num_free_blocks(self) -> int:
+    """Free device blocks."""
+    return self.device_allocator.num_free_blocks
+
+  def num_required_blocks(self, num_tokens: int) -> int:
+    """Blocks needed to hold `num_tokens` tokens: ceil(num_tokens / block_size)."""
+    return -(-num_tokens // self.block_size)
+
+  def has_seq(self, seq_id: Hashable) -> bool:
+    return seq_id in self._seqs
+
+  def is_swapped(self, seq_id: Hashable) -> bool:
+    """True when the sequence's blocks are in the host pool."""
+    return self._get(seq_id).swapped
+
+  def num_tokens(self, seq_id: Hashable) -> int:
+    """Tokens with a reserved slot (prompt + appended), resident or swapped."""
+    return self._get(seq_id).num_tokens
+
+  def block_table(self, seq_id: Hashable) -> list[int]:
+    """A copy of the block table: device ids, or host ids while swapped out."""
+    return list(self._get(seq_id).table)
+
+  def slot_mapping(self, seq_id: Hashable, start: int, end: int) -> np.ndarray:
+    """Flat device slots of token positions `[start, end)` of a resident sequence.
+
+    Args:
+      seq_id: A device-resident sequence.
+      start, end: Token positions, `0 <= start <= end <= num_tokens(seq_id)`.
+
+    Returns:
+      int32 array `[end - start]` of `block_id * block_size + offset`.
+
+    Raises:
+      SequenceStateError: unknown or swapped-out sequence.
+      ValueError: positions out of range.
+    """
+    seq = self._get_resident(seq_id)
+    if not 0 <= start <= end <= seq.num_tokens:
+      raise ValueError(f"positions [{start}, {end}) out of range for sequence {seq_id!r} "
+                       f"with {seq.num_tokens} tokens")
+    pos = np.arange(start, end)  # [end - start]
+    table = np.asarray(seq.table, dtype=np.int64)  # [num_logical_blocks]
+    return (table[pos // self.block_size] * self.block_size
+            + pos % self.block_size).astype(np.int32)
+
+  # ------------------------------------------------------- allocate / append
+  def can_allocate(self, seq_id: Hashable, num_tokens: int) -> bool:
+    """Whether `allocate(seq_id, num_tokens)` fits, keeping the watermark free.
+
+    Raises:
+      SequenceStateError: `seq_id` already exists.
+      ValueError: `num_tokens` < 1.
+    """
+    self._check_new(seq_id, num_tokens)
+    return (self.num_required_blocks(num_tokens)
+            <= self.device_allocator.num_free_blocks - self.watermark_blocks)
+
+  def allocate(self, seq_id: Hashable, num_tokens: int) -> list[int]:
+    """Reserves slots for tokens `0 .. num_tokens - 1` of a new sequence.
+
+    Args:
+      seq_id: A new sequence id (any hashable).
+      num_tokens: Prompt length, >= 1.
+
+    Returns:
+      The new block table (a copy).
+
+    Raises:
+      SequenceStateError: `seq_id` already exists.
+      ValueError: `num_tokens` < 1.
+      NoFreeBlocksError: too few free device blocks (the watermark is not applied).
+    """
+    self._check_new(seq_id, num_tokens)
+    needed = self.num_required_blocks(num_tokens)
+    free = self.device_allocator.num_free_blocks
+    if needed > free:
+      raise NoFreeBlocksError(f"sequence {seq_id!r} needs {needed} blocks for {num_tokens} "
+                              f"tokens, {free} free")
+    table = [self.device_allocator.allocate() for _ in range(needed)]
+    self._seqs[seq_id] = _Seq(table, num_tokens)
+    self._note_usage()
+    return list(table)
+
+  def blocks_to_append(self, seq_id: Hashable) -> int:
+    """Device blocks the next `append_slot(seq_id)` takes: 1 (new block or COW) or 0."""
+    # Per running sequence per step, like append_slot: same inline lookup.
+    seq = self._seqs.get(seq_id)
+    if seq is None or seq.swapped:
+      self._get_resident(seq_id)  # raises the right error
+    if seq.num_tokens % self.block_size == 0:
+      return 1
+    return 1 if self.device_allocator.ref_counts[seq.table[-1]] > 1 else 0
+
+  def can_append(self, seq_id: Hashable) -> bool:
+    """Whether `append_slot(seq_id)` has the block it may need."""
+    return self.blocks_to_append(seq_id) <= self.device_allocator.num_free_blocks
+
+  def append_slot(self, seq_id: Hashable) -> SlotRef:
+    """Reserves the slot of token `num_tokens(seq_id)` (the one about to be written).
+
+    A full last block gets a fresh block after it. A partly filled last block
+    that is shared (ref count > 1, after `fork`) is copied on write: a fresh
+    block replaces it in this table, the shared one loses a reference, and the
+    returned `cow` op must run on the device before the write.
+
+    Returns:
+      The slot's `SlotRef(block_id, offset, cow)`.
+
+    Raises:
+      SequenceStateError: unknown or swapped-out sequence.
+      NoFreeBlocksError: a block is needed and none is free.
+    """
+    # Hot path (once per running sequence per decode step): inline lookup, no
+    # checked reads; each avoided call saves ~0.1-0.3 us per sequence.
+    seq = self._seqs.get(seq_id)
+    if seq is None or seq.swapped:
+      self._get_resident(seq_id)  # raises the right error
+    offset = seq.num_tokens % self.block_size
+    table = seq.table
+    if offset == 0:
+      block = self._allocate_device_block(seq_id)
+      table.append(block)
+      cow = None
+    else:
+      block = table[-1]
+      if self.device_allocator.ref_counts[block] == 1:  # unchecked read: block is ours
+        cow = None
+      else:
+        new_block = self._allocate_device_block(seq_id)
+        self.device_allocator.decref(block)  # > 1, so the block stays allocated
+        table[-1] = new_block
+        cow = (block, new_block)
+        block = new_block
+    seq.num_tokens += 1
+    return _tuple_new(SlotRef, (block, offset, cow))  # SlotRef(...) minus its ~0.2 us wrapper
+
+  # ----------------------------------------------------------- fork / free
+  def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+    """Makes `child_id` share every block of `parent_id` (ref counts +1, no copy).
+
+    Raises:
+      SequenceStateError: unknown or swapped-out parent, or existing child id.
+    """
+    parent = self._get_resident(parent_id)
+    if child_id in self._seqs:
+      raise SequenceStateError(f"cannot fork onto sequence {child_id!r}: it already exists")
+    for block in parent.table:
+      self.device_allocator.incref(block)
+    self._seqs[child_id] = _Seq(list(parent.table), parent.num_tokens)
+
+  def free(self, seq_id: Hashable) -> None:
+    """Drops the sequence (resident or swapped); unshared blocks return to their pool.
+
+    Raises:
+      SequenceStateError: unknown id (including a double free).
+    """
+    seq = self._get(seq_id)
+    del self._seqs[seq_id]
+    allocator = self.host_allocator if seq.swapped else self.device_allocator
+    for block in seq.table:
+      allocator.decref(block)
+
+  # ------------------------------------------------------------------- swap
+  def can_swap_out(self, seq_ids: Hashable | Iterable[Hashable]) -> bool:
+    """Whether the host pool can take the group's distinct blocks.
+
+    Args:
+      seq_ids: One id, or an iterable of ids moved together (see `swap_out`).
+
+    Raises:
+      SequenceStateError / ValueError: as `swap_out`, for a bad group.
+    """
+    _, counts = self._swap_group(seq_ids, swapped=False)
+    return len(counts) <= self.host_allocator.num_free_blocks
+
+  def swap_out(self, seq_ids: Hashable | Iterable[Hashable]) -> list[tuple[int, int]]:
+    """Moves a group of resident sequences' blocks to the host pool.
+
+    Blocks shared inside the group move once and keep their sharing. The group
+    must be closed: no block of it may be held by a sequence outside it (swap
+    a fork group as a whole). The freed device blocks can be handed out again
+    at once, so the device layer must run these copies before any write of the
+    step.
+
+    Args:
+      seq_ids: One id, or an iterable of ids (a tuple that is itself a known id
+        counts as one id).
+
+    Returns:
+      Copy ops `(device_block, host_block)`, one per distinct block.
+
+    Raises:
+      SequenceStateError: unknown or already swapped id, or a group that is not
+        closed.
+      ValueError: an id listed twice.
+      NoFreeBlocksError: too few free host blocks.
+    """
+    return self._move(seq_ids, to_host=True)
+
+  def can_swap_in(self, seq_ids: Hashable | Iterable[Hashable], *, extra_blocks: int = 0) -> bool:
+    """Whether the device pool can take the group back.
+
+    Args:
+      seq_ids: One id, or an iterable of ids (see `swap_in`).
+      extra_blocks: Device blocks to keep free on top of the watermark (e.g. one
+        per sequence for this step's `append_slot`).
+
+    Raises:
+      SequenceStateError / ValueError: as `swap_in`, for a bad group.
+    """
+    _, counts = self._swap_group(seq_ids, swapped=True)
+    return (len(counts) + extra_blocks
+            <= self.device_allocator.num_free_blocks - self.watermark_blocks)
+
+  def swap_in(self, seq_ids: Hashable | Iterable[Hashable]) -> list[tuple[int, int]]:
+    """Moves a group of swapped-out sequences back to the device pool.
+
+    The mirror of `swap_out`: shared blocks move once, the group must be closed.
+
+    Returns:
+      Copy ops `(host_block, device_block)`, one per distinct block.
+
+    Raises:
+      SequenceStateError: unknown or resident id, or a group that is not closed.
+      ValueError: an id listed twice.
+      NoFreeBlocksError: too few free device blocks (the watermark is not applied).
+    """
+    return self._move(seq_ids, to_host=False)
+
+  # ------------------------------------------------------------------ stats
+  def stats(self) -> MemoryStats:
+    """Current pool usage; O(total blocks held), not meant for the hot path."""
+    bs = self.block_size
+    filled: dict[int, int] = {}  # device block -> filled slots
+    logical = 0
+    num_swapped = 0
+    for seq in self._seqs.values():
+      if seq.swapped:
+        num_swapped += 1
+        continue
+      logical += seq.num_tokens
+      for i, block in enumerate(seq.table):
+        # Sharers of a block hold it at the same logical index with the same content.
+        filled[block] = max(filled.get(block, 0), min(bs, seq.num_tokens - i * bs))
+    dev, host = self.device_allocator, self.host_allocator
+    used = dev.num_used_blocks
+    stored = sum(filled.values())
+    empty = used * bs - stored
+    return MemoryStats(
+        block_size=bs,
+        total_device_blocks=dev.num_blocks,
+        free_device_blocks=dev.num_free_blocks,
+        used_device_blocks=used,
+        total_host_blocks=host.num_blocks,
+        free_host_blocks=host.num_free_blocks,
+        used_host_blocks=host.num_used_blocks,
+        num_seqs=len(self._seqs),
+        num_swapped_seqs=num_swapped,
+        logical_tokens=logical,
+        tokens_stored=stored,
+        empty_slots=empty,
+        fragmentation=empty / (used * bs) if used else 0.0,
+        shared_blocks=sum(dev.ref_count(b) > 1 for b in filled),
+        peak_used_blocks=self._peak_used,
+    )
+
+  # -------------------------------------------------------------- internals
+  def _get(self, seq_id: Hashable) -> _Seq:
+    seq = self._seqs.get(seq_id)
+    if seq is None:
+      raise SequenceStateError(f"unknown sequence id {seq_id!r}")
+    return seq
+
+  def _get_resident(self, seq_id: Hashable) -> _Seq:
+    seq = self._get(seq_id)
+    if seq.swapped:
+      raise SequenceStateError(f"sequence {seq_id!r} is swapped out to host, not on device")
+    return seq
+
+  def _check_new(self, seq_id: Hashable, num_tokens: int) -> None:
+    if num_tokens < 1:
+      raise ValueError(f"num_tokens must be >= 1, got {num_tokens} for sequence {seq_id!r}")
+    if seq_id in self._seqs:
+      raise SequenceStateError(f"sequence id {seq_id!r} already exists")
+
+  def _allocate_device_block(self, seq_id: Hashable) -> int:
+    try:
+      block = self.device_allocator.allocate()
+    except NoFreeBlocksError:
+      raise NoFreeBlocksError(f"no free device block to append to sequence {seq_id!r}") from None
+    self._note_usage()
+    return block
+
+  def _note_usage(self) -> None:
+    used = self.device_allocator.num_used_blocks
+    if used > self._peak_used:
+      self._peak_used = used
+
+  def _as_ids(self, seq_ids: Hashable | Iterable[Hashable]) -> list[Hashable]:
+    try:
+      if seq_ids in self._seqs:
+        return [seq_ids]
+    except TypeError:  # unhashable: a list or set of ids
+      pass
+    if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, Iterable):
+      return [seq_ids]
+    return list(seq_ids)
+
+  def _swap_group(self, seq_ids, *, swapped: bool) -> tuple[list[_Seq], dict[int, int]]:
+    """Validates a swap group; returns its sequences and block -> holders in group."""
+    ids = self._as_ids(seq_ids)
+    dup = [i for i, n in collections.Counter(ids).items() if n > 1]
+    if dup:
+      raise ValueError(f"sequence ids listed more than once in swap group: {dup!r}")
+    group = []
+    for seq_id in ids:
+      seq = self._get(seq_id)
+      if seq.swapped != swapped:
+        where = "already swapped out to host" if seq.swapped else "resident on device"
+        raise SequenceStateError(f"cannot swap sequence {seq_id!r}: it is {where}")
+      group.append(seq)
+    counts: dict[int, int] = {}  # insertion order = order of the copy ops
+    for seq in group:
+      for block in seq.table:
+        counts[block] = counts.get(block, 0) + 1
+    src = self.host_allocator if swapped else self.device_allocator
+    for block, holders in counts.items():
+      if src.ref_count(block) != holders:
+        outside = [i for i, s in self._seqs.items()
+                   if s.swapped == swapped and i not in ids and block in s.table]
+        raise SequenceStateError(
+            f"block {block} of swap group {ids!r} is also held by sequences {outside!r}; "
+            "swapping must move a whole fork group together")
+    return group, counts
+
+  def _move(self, seq_ids, *, to_host: bool) -> list[tuple[int, int]]:
+    group, counts = self._swap_group(seq_ids, swapped=not to_host)
+    src, dst = ((self.device_allocator, self.host_allocator) if to_host
+                else (self.host_allocator, self.device_allocator))
+    if len(counts) > dst.num_free_blocks:
+      raise NoFreeBlocksError(f"swap group {self._as_ids(seq_ids)!r} needs {len(counts)} "
+                              f"{'host' if to_host else 'device'} blocks, "
+                              f"{dst.num_free_blocks} free")
+    mapping = {}
+    for block, holders in counts.items():
+      new_block = dst.allocate()
+      for _ in range(holders - 1):
+        dst.incref(new_block)
+      for _ in range(holders):
+        src.decref(block)
+      mapping[block] = new_block
+    for seq in group:
+      seq.table = [mapping[b] for b in seq.table]
+      seq.swapped = to_host
+    if not to_host:
+      self._note_usage()
+    return list(mapping.items())

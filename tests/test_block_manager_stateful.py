@@ -1,0 +1,296 @@
+"""Stateful property test: random allocate / append / fork / free / swap runs.
+
+A hypothesis state machine drives a small BlockManager against a reference
+model made of plain dicts: each sequence's token list, where it lives, its fork
+family, and fake device / host page memory `(block, offset) -> token`. Every
+act's copy ops (COW, swaps) are executed on that fake memory and every token is
+written through the slots the manager hands out, so any slot given to two
+sequences, any missed copy-on-write and any wrong swap mapping shows up as a
+sequence reading back the wrong tokens. After every step it also checks:
+ref count == number of tables holding the block (both pools); free + used ==
+total; no block both free and referenced; a write never lands in a shared
+block; `can_*` agree with the acts; failed acts change nothing. Teardown frees
+everything and checks that every block is back.
+
+Default: 200 runs x 50 steps; PAGEDJAX_LONG_TESTS=1: 2000 runs x 100 steps.
+"""
+
+import collections
+import os
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
+                                 rule, run_state_machine_as_test)
+
+from block_manager_snapshot import snapshot
+from pagedjax.block_manager import BlockManager, NoFreeBlocksError, SequenceStateError
+
+_LONG = os.environ.get("PAGEDJAX_LONG_TESTS") == "1"
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+
+  @initialize(block_size=st.sampled_from([1, 2, 3, 4]), num_blocks=st.integers(1, 16),
+              num_host_blocks=st.integers(0, 8),
+              prompts=st.lists(st.integers(1, 8), min_size=1, max_size=4))
+  def setup(self, block_size, num_blocks, num_host_blocks, prompts):
+    self.bm = BlockManager(num_blocks, block_size, num_host_blocks)
+    self.bs = block_size
+    self.tokens: dict[int, list[int]] = {}  # seq -> token values, the reference content
+    self.swapped: dict[int, bool] = {}
+    self.family: dict[int, int] = {}  # seq -> root of its fork lineage
+    self.mem = {False: {}, True: {}}  # swapped? -> {(block, offset): token}: fake pages
+    self.next_id = 0
+    self.next_token = 0
+    # Start with sequences: swarm testing disables some rules per run, allocate included.
+    for num_tokens in prompts:
+      self.allocate(num_tokens)
+
+  # ------------------------------------------------------------ helpers
+  def _new_id(self) -> int:
+    self.next_id += 1
+    return self.next_id
+
+  def _fresh_tokens(self, n: int) -> list[int]:
+    self.next_token += n
+    return list(range(self.next_token - n, self.next_token))
+
+  def _holders(self, on_host: bool) -> collections.Counter:
+    """block -> number of tables holding it, from the tables alone."""
+    return collections.Counter(b for sid, sw in self.swapped.items() if sw == on_host
+                               for b in self.bm.block_table(sid))
+
+  def _free(self, on_host: bool) -> int:
+    total = self.bm.num_host_blocks if on_host else self.bm.num_blocks
+    return total - len(self._holders(on_host))
+
+  def _expect_failure(self, act, exc, match=None):
+    before = snapshot(self.bm)
+    try:
+      act()
+    except exc as e:
+      assert match is None or match in str(e), (match, str(e))
+    else:
+      raise AssertionError(f"expected {exc.__name__}")
+    assert snapshot(self.bm) == before, "failed act changed state"
+
+  def _copy(self, src_pool: bool, src: int, dst_pool: bool, dst: int) -> None:
+    for offset in range(self.bs):
+      value = self.mem[src_pool].get((src, offset))
+      if value is None:
+        self.mem[dst_pool].pop((dst, offset), None)
+      else:
+        self.mem[dst_pool][(dst, offset)] = value
+
+  def _pick(self, data, *, swapped=None) -> int | None:
+    """A known sequence (in the given pool), or None when there is none."""
+    ids = sorted(s for s, sw in self.swapped.items() if swapped is None or sw == swapped)
+    return data.draw(st.sampled_from(ids)) if ids else None
+
+  # -------------------------------------------------------------- rules
+  @rule(num_tokens=st.integers(1, 8))
+  def allocate(self, num_tokens):
+    sid = self._new_id()
+    fits = -(-num_tokens // self.bs) <= self._free(False)
+    assert self.bm.can_allocate(sid, num_tokens) == fits
+    if not fits:
+      event("allocate: pool full")
+      self._expect_failure(lambda: self.bm.allocate(sid, num_tokens), NoFreeBlocksError)
+      return
+    self.bm.allocate(sid, num_tokens)
+    toks = self._fresh_tokens(num_tokens)
+    for slot, tok in zip(self.bm.slot_mapping(sid, 0, num_tokens).tolist(), toks):
+      self.mem[False][divmod(slot, self.bs)] = tok
+    self.tokens[sid], self.swapped[sid], self.family[sid] = toks, False, sid
+
+  @rule(data=st.data())
+  def append(self, data):
+    sid = self._pick(data)
+    if sid is None:
+      return
+    if self.swapped[sid]:
+      self._expect_failure(lambda: self.bm.append_slot(sid), SequenceStateError, repr(sid))
+      return
+    n = len(self.tokens[sid])
+    table = self.bm.block_table(sid)
+    needs = n % self.bs == 0 or self._holders(False)[table[-1]] > 1
+    assert self.bm.blocks_to_append(sid) == int(needs)
+    fits = not needs or self._free(False) >= 1
+    assert self.bm.can_append(sid) == fits
+    if not fits:
+      event("append: pool full")
+      self._expect_failure(lambda: self.bm.append_slot(sid), NoFreeBlocksError, repr(sid))
+      return
+    ref = self.bm.append_slot(sid)
+    if ref.cow is not None:
+      event("append: copy-on-write")
+      assert n % self.bs and ref.cow == (table[-1], ref.block_id)
+      self._copy(False, ref.cow[0], False, ref.cow[1])
+    # The write: never into a block another sequence can see.
+    assert self.bm.device_allocator.ref_count(ref.block_id) == 1
+    assert self._holders(False)[ref.block_id] == 1
+    assert (ref.offset, self.bm.block_table(sid)[-1]) == (n % self.bs, ref.block_id)
+    tok = self._fresh_tokens(1)[0]
+    self.mem[False][(ref.block_id, ref.offset)] = tok
+    self.tokens[sid].append(tok)
+
+  @rule(data=st.data())
+  def fork(self, data):
+    parent = self._pick(data)
+    if parent is None:
+      return
+    child = self._new_id()
+    if self.swapped[parent]:
+      self._expect_failure(lambda: self.bm.fork(parent, child), SequenceStateError, repr(parent))
+      return
+    self.bm.fork(parent, child)
+    self.tokens[child] = list(self.tokens[parent])
+    self.swapped[child], self.family[child] = False, self.family[parent]
+
+  @rule(data=st.data())
+  def free(self, data):
+    sid = self._pick(data)
+    if sid is None:
+      return
+    self.bm.free(sid)
+    del self.tokens[sid], self.swapped[sid], self.family[sid]
+
+  @rule(data=st.data(), op=st.sampled_from(
+      ["append_slot", "free", "fork", "swap_out", "swap_in", "num_tokens", "slot_mapping"]))
+  def act_on_unknown_id(self, data, op):
+    sid = data.draw(st.sampled_from([i for i in range(-2, self.next_id + 1) if i not in self.tokens]))
+    act = {
+        "fork": lambda: self.bm.fork(sid, self._new_id()),
+        "slot_mapping": lambda: self.bm.slot_mapping(sid, 0, 1),
+    }.get(op, lambda: getattr(self.bm, op)(sid))
+    self._expect_failure(act, SequenceStateError, repr(sid))
+
+  @rule(data=st.data(), whole_family=st.booleans(), to_host=st.booleans())
+  def swap(self, data, whole_family, to_host):
+    sid = self._pick(data, swapped=not to_host)
+    if sid is None:
+      return
+    group = ([s for s, sw in self.swapped.items()
+              if sw != to_host and self.family[s] == self.family[sid]]
+             if whole_family else [sid])
+    ids = group if whole_family else sid  # both call forms
+    tables = {s: self.bm.block_table(s) for s in group}
+    blocks = list(dict.fromkeys(b for s in group for b in tables[s]))
+    holders = self._holders(not to_host)
+    in_group = collections.Counter(b for s in group for b in tables[s])
+    closed = all(holders[b] == in_group[b] for b in blocks)
+    can = self.bm.can_swap_out if to_host else self.bm.can_swap_in
+    act = self.bm.swap_out if to_host else self.bm.swap_in
+    if not closed:
+      assert not whole_family  # a fork family never shares blocks across pools
+      event("swap: group not closed")
+      self._expect_failure(lambda: can(ids), SequenceStateError, "whole fork group")
+      self._expect_failure(lambda: act(ids), SequenceStateError, "whole fork group")
+      return
+    fits = len(blocks) <= self._free(to_host)
+    assert can(ids) == fits
+    if not fits:
+      event("swap: pool full")
+      self._expect_failure(lambda: act(ids), NoFreeBlocksError)
+      return
+    ops = act(ids)
+    if len(ops) < sum(len(t) for t in tables.values()):
+      event("swap: shared blocks moved once")
+    assert [src for src, _ in ops] == blocks  # each distinct block moves exactly once
+    for src, dst in ops:
+      self._copy(not to_host, src, to_host, dst)
+    mapping = dict(ops)
+    for s in group:
+      self.swapped[s] = to_host
+      assert self.bm.block_table(s) == [mapping[b] for b in tables[s]]  # sharing kept
+
+  # --------------------------------------------------------- invariants
+  @invariant()
+  def pools_and_tables_agree(self):
+    if not hasattr(self, "bm"):
+      return
+    for on_host, alloc in ((False, self.bm.device_allocator), (True, self.bm.host_allocator)):
+      holders = self._holders(on_host)
+      free = alloc._free
+      assert [alloc.ref_count(b) for b in range(alloc.num_blocks)] == [
+          holders[b] for b in range(alloc.num_blocks)]
+      assert len(free) == len(set(free)) == alloc.num_free_blocks
+      assert set(free) == {b for b in range(alloc.num_blocks) if holders[b] == 0}
+      assert alloc.num_free_blocks + alloc.num_used_blocks == alloc.num_blocks
+
+  @invariant()
+  def every_sequence_reads_back_its_tokens(self):
+    if not hasattr(self, "bm"):
+      return
+    assert self.bm.stats().num_seqs == len(self.tokens)
+    for sid, toks in self.tokens.items():
+      assert self.bm.num_tokens(sid) == len(toks)
+      assert self.bm.is_swapped(sid) == self.swapped[sid]
+      table = self.bm.block_table(sid)
+      assert len(table) == -(-len(toks) // self.bs)
+      mem = self.mem[self.swapped[sid]]
+      assert [mem.get((table[p // self.bs], p % self.bs)) for p in range(len(toks))] == toks
+      if not self.swapped[sid]:
+        assert self.bm.slot_mapping(sid, 0, len(toks)).tolist() == [
+            table[p // self.bs] * self.bs + p % self.bs for p in range(len(toks))]
+
+  @invariant()
+  def stats_add_up(self):
+    if not hasattr(self, "bm"):
+      return
+    s = self.bm.stats()
+    holders = self._holders(False)
+    assert s.used_device_blocks == len(holders) <= s.peak_used_blocks
+    assert s.used_host_blocks == len(self._holders(True))
+    assert s.tokens_stored + s.empty_slots == s.used_device_blocks * self.bs
+    assert 0 <= s.empty_slots < max(1, s.used_device_blocks) * self.bs
+    assert s.logical_tokens == sum(len(t) for sid, t in self.tokens.items()
+                                   if not self.swapped[sid])
+    assert s.shared_blocks == sum(1 for c in holders.values() if c > 1)
+
+  def teardown(self):
+    if not hasattr(self, "bm"):
+      return
+    for sid in list(self.tokens):
+      self.bm.free(sid)
+    for alloc in (self.bm.device_allocator, self.bm.host_allocator):
+      assert alloc.num_free_blocks == alloc.num_blocks
+      assert not any(alloc.ref_counts)
+
+
+BlockManagerMachine.TestCase.settings = settings(
+    max_examples=2000 if _LONG else 200,
+    stateful_step_count=100 if _LONG else 50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestBlockManagerStateful = BlockManagerMachine.TestCase
+
+
+@pytest.mark.parametrize("bug", ["skip_cow", "drop_refs_on_swap"])
+def test_machine_catches_injected_bugs(bug, monkeypatch):
+  """The machine must fail on a manager that skips COW or loses ref counts on swap."""
+  import pagedjax.block_manager as bm_module
+  if bug == "skip_cow":
+    def append_slot(self, seq_id):  # writes into a shared block without copying it
+      seq = self._get_resident(seq_id)
+      if seq.num_tokens % self.block_size == 0:
+        seq.table.append(self._allocate_device_block(seq_id))
+      seq.num_tokens += 1
+      return bm_module.SlotRef(seq.table[-1], (seq.num_tokens - 1) % self.block_size, None)
+    monkeypatch.setattr(bm_module.BlockManager, "append_slot", append_slot)
+  else:
+    original = bm_module.BlockManager._swap_group
+    def swap_group(self, seq_ids, *, swapped):  # moved blocks get ref count 1
+      group, counts = original(self, seq_ids, swapped=swapped)
+      return group, dict.fromkeys(counts, 1)
+    monkeypatch.setattr(bm_module.BlockManager, "_swap_group", swap_group)
+  # AssertionError from a check; ValueError when teardown's free() then trips on the bug.
+  with pytest.raises((AssertionError, ValueError)):
+    run_state_machine_as_test(
+        BlockManagerMachine,
+        settings=settings(max_examples=300, stateful_step_count=30, deadline=None,
+                          database=None, phases=[Phase.generate],
+                          suppress_health_check=list(HealthCheck)))
