@@ -4,9 +4,16 @@ Layers, in the one direction data flows:
   host manager (block_allocator, block_manager, scheduler)  ->  step plan (numpy)
   -> device state (kv_cache: immutable pytree of KV pages, donated into jitted steps)
   -> jitted Flax steps (model) calling one attention dispatch (attention: xla | pallas).
+`LLM` (engine) ties them together behind vLLM's offline and streaming APIs.
 """
 
 from pagedjax.block_allocator import BlockAllocator
 from pagedjax.block_manager import BlockManager, NoFreeBlocksError, SequenceStateError
+from pagedjax.engine import LLM
+from pagedjax.outputs import CompletionOutput, RequestOutput
+from pagedjax.sampling_params import SamplingParams
 
-__all__ = ["BlockAllocator", "BlockManager", "NoFreeBlocksError", "SequenceStateError"]
+__all__ = [
+    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "BlockAllocator",
+    "BlockManager", "NoFreeBlocksError", "SequenceStateError",
+]

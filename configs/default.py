@@ -1,0 +1,67 @@
+"""Default config: the bundled model served with continuous batching on this machine.
+
+Override any field on the command line, e.g.
+  python main.py --config.engine.block_size=32 --config.sampling.temperature=0.8
+Variants import this file and change a few fields (see configs/*.py).
+"""
+
+import ml_collections
+
+from pagedjax import train as train_lib
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Model directory; "" loads the bundled model shipped in pagedjax/assets.
+  config.model = ""
+
+  config.engine = ml_collections.ConfigDict()
+  # Tokens per KV block (power of two); 16 is vLLM's default and ours.
+  config.engine.block_size = 16
+  # KV blocks on the device; 0 sizes the cache from kv_cache_memory_mb.
+  config.engine.num_blocks = 0
+  # KV budget in MiB used when num_blocks is 0.
+  config.engine.kv_cache_memory_mb = 64.0
+  # Host (swap) pool blocks; -1 means as many as the device pool.
+  config.engine.num_host_blocks = -1
+  # Most sequences decoded together in one step.
+  config.engine.max_num_seqs = 64
+  # Most prompt tokens prefilled in one step.
+  config.engine.max_num_batched_tokens = 4096
+  # What to do when blocks run out: "recompute" or "swap".
+  config.engine.preemption_mode = "recompute"
+  # Attention path: "auto" (pallas on GPU, xla on CPU), "xla", "pallas", "pallas_interpret".
+  config.engine.attention_impl = "auto"
+  # KV cache / compute dtype: "float32" or "bfloat16".
+  config.engine.dtype = "float32"
+  # Seeds requests that do not set their own.
+  config.engine.seed = 0
+
+  config.sampling = ml_collections.ConfigDict()
+  # Tokens to generate per prompt.
+  config.sampling.max_tokens = 96
+  # 0 is greedy.
+  config.sampling.temperature = 0.0
+  # 0 keeps all tokens.
+  config.sampling.top_k = 0
+  # Nucleus mass in (0, 1].
+  config.sampling.top_p = 1.0
+  # Per-request seed (request i uses seed + i); -1 lets the engine draw one.
+  config.sampling.seed = 0
+
+  # Prompts served by the main job: different lengths, so batching is visible.
+  config.prompts = (
+      "The Python ",
+      "def ",
+      "A class definition ",
+      "The try statement specifies exception handlers and/or cleanup code for a group of ",
+      "Assignment statements are used to (re)bind names to values and to modify ",
+      "The import statement",
+      "In the following, ",
+      "Built-in functions ",
+  )
+  # `python main.py --mode=train`: the bundled model's training run (every field is
+  # commented in pagedjax/train.py), e.g. --config.train.num_steps=200.
+  config.train = train_lib.default_train_config()
+  return config

@@ -1,0 +1,393 @@
+"""LLM: the serving engine (tokenizer + scheduler + block manager + jitted steps + sampler).
+
+`LLM.generate` is vLLM's offline API; `add_request` / `step` is the streaming
+one. Each `step()` asks the scheduler for one step, turns it into a padded
+step plan (numpy), applies the block ops (swap-out, swap-in, copy-on-write) to
+the device state, runs one jitted program (paged forward + sampling, with the
+KV pages donated so they update in place) and appends the drawn tokens.
+Shapes are padded to power-of-two buckets so a long run compiles a bounded
+number of programs; `memory_stats()["num_compilations"]` counts them.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import time
+from typing import Iterable, Sequence as TypingSequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pagedjax import kv_cache as kvc
+from pagedjax import sampler
+from pagedjax.block_manager import BlockManager
+from pagedjax.model import ModelConfig, load_bundled_model, load_model
+from pagedjax.outputs import CompletionOutput, RequestOutput
+from pagedjax.sampling_params import SamplingParams
+from pagedjax.scheduler import Scheduler
+from pagedjax.sequence import Sequence, SequenceGroup, SequenceStatus
+from pagedjax.tokenizer import ByteTokenizer
+
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+_MAX_BANNED = 8          # stop-token bans per row (min_tokens); more raise ValueError
+_NUM_TOP_LOGPROBS = 8    # (id, logprob) pairs returned per row each step
+_MIN_PREFILL_BUCKET = 16
+
+
+def _bucket(n: int, cap: int, minimum: int = 1) -> int:
+  """Smallest power of two >= n (at least `minimum`), capped at `cap`."""
+  b = max(minimum, 1 << max(0, (n - 1).bit_length()))
+  return min(b, cap)
+
+
+class LLM:
+  """A paged-KV serving engine shaped like vLLM's `LLM`.
+
+  Args:
+    model: None for the bundled model, or a directory written by
+      `pagedjax.model.save_model`.
+    num_blocks: KV blocks on the device; None sizes the cache from
+      `kv_cache_memory_mb`.
+    block_size: tokens per KV block.
+    num_host_blocks: blocks in the host swap pool (None: same as num_blocks).
+    max_num_seqs: most sequences in one step.
+    max_num_batched_tokens: most (unpadded) prompt tokens in one prefill step.
+    preemption_mode: "recompute" or "swap" when blocks run out.
+    attention_impl: "auto" (pallas on GPU, xla otherwise), "xla", "pallas",
+      "pallas_interpret".
+    dtype: KV cache and compute dtype, "float32" or "bfloat16".
+    kv_cache_memory_mb: KV budget used when num_blocks is None.
+    seed: seeds requests that do not set SamplingParams.seed.
+  """
+
+  def __init__(self, model: str | None = None, *, num_blocks: int | None = None,
+               block_size: int = 16, num_host_blocks: int | None = None, max_num_seqs: int = 64,
+               max_num_batched_tokens: int = 4096, preemption_mode: str = "recompute",
+               attention_impl: str = "auto", dtype: str = "float32",
+               kv_cache_memory_mb: float = 64.0, seed: int = 0):
+    if attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    if dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if block_size < 1 or block_size & (block_size - 1):
+      raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if attention_impl == "auto":
+      attention_impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    self.attention_impl = attention_impl
+    self.tokenizer = ByteTokenizer()
+    cfg, module = load_bundled_model() if model is None else load_model(model)[:2]
+    self.model_config: ModelConfig = cfg
+    self.dtype = jnp.dtype(dtype)
+    self.block_size = block_size
+    self.max_seq_len = cfg.max_seq_len
+    self.max_blocks_per_seq = -(-cfg.max_seq_len // block_size)
+    if num_blocks is None:
+      bytes_per_block = (2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim
+                         * self.dtype.itemsize)
+      num_blocks = max(1, int(kv_cache_memory_mb * 2**20) // bytes_per_block)
+    if num_blocks < 1:
+      raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if max_num_batched_tokens < cfg.max_seq_len:
+      # A preempted sequence is recomputed in one prefill: it must fit in one step.
+      raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} must be >= the model's "
+                       f"context ({cfg.max_seq_len})")
+    num_host_blocks = num_blocks if num_host_blocks is None else num_host_blocks
+    self.max_num_seqs = max_num_seqs
+    self.bm = BlockManager(num_blocks, block_size, num_host_blocks)
+    self.scheduler = Scheduler(self.bm, max_num_seqs=max_num_seqs,
+                               max_num_batched_tokens=max_num_batched_tokens,
+                               preemption_mode=preemption_mode)
+    self.kv = kvc.init_kv_cache(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+                                num_blocks=num_blocks, block_size=block_size,
+                                head_dim=cfg.head_dim, dtype=self.dtype)
+    self.host_pool = kvc.init_host_pool(self.kv, num_host_blocks) if num_host_blocks else None
+    graphdef, params = nnx.split(module)
+    self._params = jax.tree.map(lambda x: x.astype(self.dtype) if x.dtype == jnp.float32 else x,
+                                params)
+    self._num_compilations = 0
+    self._step_fn = self._make_step_fn(graphdef)
+    self._request_counter = itertools.count()
+    self._arrivals = itertools.count()
+    self._seed_rng = np.random.default_rng(seed)
+    self._groups: dict[str, SequenceGroup] = {}
+    self._stats = {"num_steps": 0, "num_prefill_steps": 0, "num_decode_steps": 0,
+                   "num_generated_tokens": 0, "num_prefill_tokens": 0, "step_time_s": 0.0}
+
+  # ------------------------------------------------------------ jitted step
+  def _make_step_fn(self, graphdef):
+    impl = self.attention_impl
+    vocab_size = self.tokenizer.vocab_size
+
+    @functools.partial(jax.jit, donate_argnames=("kv",))
+    def step_fn(params, kv, plan, samp):
+      self._num_compilations += 1  # runs once per trace, i.e. per compiled program
+      kv = kvc.copy_kv_blocks(kv, plan["cow_src"], plan["cow_dst"])
+      model = nnx.merge(graphdef, params)
+      logits, kv = model.forward_paged(
+          plan["tokens"], plan["positions"], kv, block_tables=plan["block_tables"],
+          context_lens=plan["context_lens"], query_lens=plan["query_lens"],
+          slot_mapping=plan["slot_mapping"], impl=impl)  # logits [B, V] at each row's last token
+      keys = sampler.row_keys(samp["seeds"], samp["sample_indices"], samp["out_positions"])
+      out = sampler.sample(logits, temperature=samp["temperature"], top_k=samp["top_k"],
+                           top_p=samp["top_p"], keys=keys, banned_ids=samp["banned_ids"],
+                           vocab_size=vocab_size, num_top_logprobs=_NUM_TOP_LOGPROBS)
+      return kv, out
+
+    return step_fn
+
+  # --------------------------------------------------------------- requests
+  def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+    if isinstance(prompt, str):
+      if not prompt:
+        raise ValueError("prompt is empty")
+      return prompt, self.tokenizer.encode(prompt)
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+      prompt = prompt["prompt_token_ids"]
+    ids = [int(t) for t in prompt]
+    if not ids:
+      raise ValueError("prompt_token_ids is empty")
+    bad = [t for t in ids if not 0 <= t < self.tokenizer.vocab_size]
+    if bad:
+      raise ValueError(f"token ids outside the vocabulary [0, {self.tokenizer.vocab_size}): {bad[:8]}")
+    return None, ids
+
+  def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None) -> str:
+    """Queues one request; raises ValueError (naming the value) and changes nothing if bad.
+
+    Args:
+      request_id: unique id (None: one is made).
+      prompt: a string or a list of token ids.
+      params: SamplingParams (default: SamplingParams()).
+
+    Returns:
+      The request id.
+    """
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+      raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    if params.n > 1 or params.use_beam_search:
+      raise NotImplementedError("n > 1 and beam search are not implemented yet")
+    text, ids = self._tokenize(prompt)
+    if len(ids) >= self.max_seq_len:
+      raise ValueError(f"prompt of {len(ids)} tokens does not leave room to generate within the "
+                       f"model's context of {self.max_seq_len} tokens")
+    if len(params.stop_token_ids) + 1 > _MAX_BANNED:
+      raise ValueError(f"at most {_MAX_BANNED - 1} stop_token_ids, got {len(params.stop_token_ids)}")
+    need = min(len(ids) + params.max_tokens, self.max_seq_len)
+    need_blocks = -(-need // self.block_size) * params.n
+    if need_blocks > self.bm.num_blocks:
+      raise ValueError(f"request needs {need_blocks} KV blocks ({need} tokens x n={params.n}) but "
+                       f"the whole cache has {self.bm.num_blocks}: it can never fit")
+    request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
+    if request_id in self._groups:
+      raise ValueError(f"request_id {request_id!r} is already in use")
+    seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
+    group = SequenceGroup(request_id, ids, params, arrival=next(self._arrivals), seed=seed,
+                          prompt=text)
+    self._groups[request_id] = group
+    self.scheduler.add(group)
+    return request_id
+
+  def abort_request(self, request_id: str) -> None:
+    if self.scheduler.abort(request_id):
+      self._groups.pop(request_id, None)
+
+  def has_unfinished_requests(self) -> bool:
+    return self.scheduler.has_unfinished()
+
+  # ------------------------------------------------------------------ steps
+  def _build_plan(self, so) -> tuple[dict, dict]:
+    """Pads one scheduled step into bucketed numpy arrays."""
+    rows = len(so.seqs)
+    b = _bucket(rows, self.max_num_seqs)
+    t = (_bucket(max(len(q) for q in so.query_token_ids), self.max_seq_len, _MIN_PREFILL_BUCKET)
+         if so.is_prefill else 1)
+    tokens = np.zeros((b, t), np.int32)
+    positions = np.zeros((b, t), np.int32)
+    slot_mapping = np.full((b, t), -1, np.int32)
+    block_tables = np.zeros((b, self.max_blocks_per_seq), np.int32)
+    context_lens = np.zeros((b,), np.int32)
+    query_lens = np.zeros((b,), np.int32)
+    cow = np.full((2, b), -1, np.int32)
+    samp = {
+        "seeds": np.zeros((b,), np.int32), "sample_indices": np.zeros((b,), np.int32),
+        "out_positions": np.zeros((b,), np.int32), "temperature": np.zeros((b,), np.float32),
+        "top_k": np.zeros((b,), np.int32), "top_p": np.ones((b,), np.float32),
+        "banned_ids": np.full((b, _MAX_BANNED), -1, np.int32),
+    }
+    for i, (seq, ctx, q) in enumerate(zip(so.seqs, so.context_lens, so.query_token_ids)):
+      group = self._groups[seq.request_id]
+      n = len(q)
+      tokens[i, :n] = q
+      positions[i, :n] = np.arange(ctx, ctx + n)
+      if so.is_prefill:
+        slot_mapping[i, :n] = self.bm.slot_mapping(seq.seq_id, ctx, ctx + n)
+      else:
+        slot_mapping[i, 0] = so.decode_slots[i]
+      table = self.bm.block_table(seq.seq_id)
+      block_tables[i, :len(table)] = table
+      context_lens[i] = ctx
+      query_lens[i] = n
+      p = group.params
+      samp["seeds"][i] = group.seed
+      samp["sample_indices"][i] = seq.sample_index
+      samp["out_positions"][i] = len(seq.output_token_ids)
+      samp["temperature"][i] = p.temperature
+      samp["top_k"][i] = p.top_k
+      samp["top_p"][i] = p.top_p
+      if len(seq.output_token_ids) < p.min_tokens:
+        bans = p.stop_token_ids + ([] if p.ignore_eos else [self.tokenizer.eos_id])
+        samp["banned_ids"][i, :len(bans)] = bans
+    if so.cow:
+      cow[:, :len(so.cow)] = np.asarray(so.cow, np.int32).T
+    plan = {"tokens": tokens, "positions": positions, "slot_mapping": slot_mapping,
+            "block_tables": block_tables, "context_lens": context_lens, "query_lens": query_lens,
+            "cow_src": cow[0], "cow_dst": cow[1]}
+    return plan, samp
+
+  def _apply_swaps(self, so) -> None:
+    if so.swap_out:
+      dev, host = (np.asarray(x, np.int32) for x in zip(*so.swap_out))
+      self.host_pool = kvc.swap_out_blocks(self.kv, self.host_pool, dev, host)
+    if so.swap_in:
+      host, dev = (np.asarray(x, np.int32) for x in zip(*so.swap_in))
+      self.kv = kvc.swap_in_blocks(self.kv, self.host_pool, host, dev)
+
+  def step(self) -> list[RequestOutput]:
+    """Runs one engine step; returns the outputs of the requests it advanced."""
+    start = time.perf_counter()
+    so = self.scheduler.schedule()
+    self._apply_swaps(so)
+    if not so.seqs:
+      return []
+    plan, samp = self._build_plan(so)
+    self.kv, out = self._step_fn(self._params, self.kv, plan, samp)
+    tokens, logprobs, _, _ = jax.device_get(out)
+    touched: dict[str, SequenceGroup] = {}
+    for i, seq in enumerate(so.seqs):
+      group = self._groups[seq.request_id]
+      seq.append_token(int(tokens[i]), float(logprobs[i]))
+      self._check_stop(seq, group)
+      if seq.is_finished:
+        self.scheduler.finish_seq(seq)
+      touched[group.request_id] = group
+    self.scheduler.free_finished_groups()
+    st = self._stats
+    st["num_steps"] += 1
+    st["num_prefill_steps" if so.is_prefill else "num_decode_steps"] += 1
+    st["num_generated_tokens"] += len(so.seqs)
+    if so.is_prefill:
+      st["num_prefill_tokens"] += sum(len(q) for q in so.query_token_ids)
+    st["step_time_s"] += time.perf_counter() - start
+    results = [self._request_output(g) for g in touched.values()]
+    for g in touched.values():
+      if g.is_finished:
+        del self._groups[g.request_id]
+    return results
+
+  def _check_stop(self, seq: Sequence, group: SequenceGroup) -> None:
+    p = group.params
+    tok = seq.output_token_ids[-1]
+    num_out = len(seq.output_token_ids)
+    text = self.tokenizer.decode(seq.output_token_ids)
+    reason, stop_reason = None, None
+    if num_out >= p.min_tokens:
+      if tok == self.tokenizer.eos_id and not p.ignore_eos:
+        reason = "stop"
+      elif tok in p.stop_token_ids:
+        reason, stop_reason = "stop", tok
+      else:
+        # Search only where a new match can start: the tail added by this token.
+        tail_from = max(0, len(seq.output_text) - max((len(s) for s in p.stop), default=0))
+        for s in p.stop:
+          at = text.find(s, tail_from)
+          if at >= 0:
+            reason, stop_reason, text = "stop", s, text[:at]
+            break
+    if reason is None and (num_out >= p.max_tokens or seq.num_tokens >= self.max_seq_len):
+      reason = "length"
+    seq.output_text = text
+    if reason is not None:
+      seq.status = SequenceStatus.FINISHED
+      seq.finish_reason, seq.stop_reason = reason, stop_reason
+
+  def _request_output(self, group: SequenceGroup) -> RequestOutput:
+    outs = [CompletionOutput(index=i, text=s.output_text, token_ids=list(s.output_token_ids),
+                             cumulative_logprob=s.cumulative_logprob,
+                             logprobs=list(s.output_logprobs) if group.params.logprobs is not None
+                             else None,
+                             finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+            for i, s in enumerate(group.seqs)]
+    return RequestOutput(group.request_id, group.prompt, list(group.prompt_token_ids), outs,
+                         group.is_finished)
+
+  # ---------------------------------------------------------------- offline
+  def generate(self, prompts, sampling_params: SamplingParams | TypingSequence[SamplingParams] | None = None,
+               *, use_tqdm: bool = False) -> list[RequestOutput]:
+    """Generates for every prompt with continuous batching; outputs in prompt order.
+
+    Args:
+      prompts: a string, a list of token ids, or a list of either.
+      sampling_params: one SamplingParams for all prompts, or one per prompt.
+      use_tqdm: show a progress bar over finished requests.
+
+    Returns:
+      One RequestOutput per prompt.
+    """
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                   and isinstance(prompts[0], (int, np.integer))):
+      prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+      raise ValueError("prompts is empty")
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+      params = [sampling_params] * len(prompts)
+    else:
+      params = list(sampling_params)
+      if len(params) != len(prompts):
+        raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+    ids = []
+    try:
+      for prompt, p in zip(prompts, params):
+        ids.append(self.add_request(None, prompt, p))
+    except Exception:
+      for rid in ids:  # a rejected prompt leaves nothing of this call behind
+        self.abort_request(rid)
+      raise
+    final: dict[str, RequestOutput] = {}
+    bar = None
+    if use_tqdm:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=len(ids), desc="requests")
+    wanted = set(ids)
+    while wanted - final.keys():
+      for out in self.step():
+        if out.finished and out.request_id in wanted:
+          final[out.request_id] = out
+          if bar is not None:
+            bar.update(1)
+    if bar is not None:
+      bar.close()
+    return [final[r] for r in ids]
+
+  # ------------------------------------------------------------------ stats
+  @property
+  def num_compilations(self) -> int:
+    return self._num_compilations
+
+  def memory_stats(self) -> dict:
+    """Block-pool, preemption, compilation and throughput counters as a flat dict."""
+    stats = dict(self.bm.stats().as_dict())
+    stats.update(
+        num_blocks=self.bm.num_blocks, num_free_blocks=self.bm.num_free_blocks,
+        block_size=self.block_size,
+        num_preemptions=sum(self.scheduler.num_preemptions.values()),
+        num_preemptions_recompute=self.scheduler.num_preemptions["recompute"],
+        num_preemptions_swap=self.scheduler.num_preemptions["swap"],
+        num_blocks_swapped_out=self.scheduler.num_blocks_swapped["out"],
+        num_blocks_swapped_in=self.scheduler.num_blocks_swapped["in"],
+        num_compilations=self._num_compilations, **self._stats)
+    return stats

@@ -1,0 +1,74 @@
+"""Token sampling on device: greedy, temperature, top-k, top-p, bans.
+
+Every row carries its own settings, so one jitted program serves a batch of
+requests with different SamplingParams. The PRNG key of a row is derived from
+(request seed, sample index, output position) and never from the batch slot,
+so a request draws the same tokens whatever else shares its batch and however
+often it is preempted. Logprobs are the log-softmax of the raw logits (before
+temperature / top-k / top-p), after removing ids outside the real vocabulary
+and banned ids; this is what cumulative_logprob and beam search add up.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30
+
+
+def row_keys(seeds: jax.Array, sample_indices: jax.Array, positions: jax.Array) -> jax.Array:
+  """One PRNG key per row from (seed, sample index, output position): [R] ints -> [R] keys."""
+
+  def one(seed, index, pos):
+    key = jax.random.key(seed.astype(jnp.uint32))
+    return jax.random.fold_in(jax.random.fold_in(key, index), pos)
+
+  return jax.vmap(one)(seeds, sample_indices, positions)
+
+
+def sample(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+           keys: jax.Array, banned_ids: jax.Array, vocab_size: int, num_top_logprobs: int):
+  """Samples one token per row.
+
+  Args:
+    logits: [R, V] float logits (V may exceed vocab_size: padded ids are masked).
+    temperature: [R] float; < 1e-5 means greedy (argmax).
+    top_k: [R] int; 0 keeps every token.
+    top_p: [R] float in (0, 1].
+    keys: [R] PRNG keys (see `row_keys`).
+    banned_ids: [R, K] int32 token ids that may not be drawn (-1 = unused).
+    vocab_size: real vocabulary size (static).
+    num_top_logprobs: how many (id, logprob) pairs to return per row (static).
+
+  Returns:
+    tokens [R] int32, logprobs [R] float32 (of the drawn tokens),
+    top_ids [R, num_top_logprobs] int32, top_logprobs [R, num_top_logprobs] f32.
+  """
+  logits = logits.astype(jnp.float32)
+  num_rows, v = logits.shape
+  ids = jnp.arange(v, dtype=jnp.int32)
+  allowed = ids[None, :] < vocab_size
+  banned = (banned_ids[:, :, None] == ids[None, None, :]).any(axis=1)  # [R, V]
+  allowed = allowed & ~banned
+  logits = jnp.where(allowed, logits, _NEG_INF)
+  logprobs = jax.nn.log_softmax(logits, axis=-1)
+
+  greedy = temperature < 1e-5
+  scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+  # top-k and top-p on the sorted row (descending); thresholds mapped back by value.
+  sorted_logits = -jnp.sort(-scaled, axis=-1)  # [R, V]
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+  kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)  # [R, 1]
+  sorted_probs = jax.nn.softmax(jnp.where(sorted_logits >= kth, sorted_logits, _NEG_INF), axis=-1)
+  # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+  mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+  keep_sorted = (mass_before < top_p[:, None]) & (sorted_logits >= kth)
+  cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  filtered = jnp.where(scaled >= cutoff, scaled, _NEG_INF)
+  drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+  tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+  token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+  top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top_logprobs)
+  del num_rows
+  return tokens, token_logprobs, top_ids.astype(jnp.int32), top_logprobs

@@ -1,0 +1,55 @@
+"""Byte-level tokenizer: UTF-8 bytes are the tokens, plus three special ids.
+
+Ids 0..255 are byte values, BOS=256, EOS=257, PAD=258, so `vocab_size` is 259. The
+bundled model pads its embedding to a multiple of 64 rows (320) for matmul speed; the
+logits of ids >= 259 are meaningless and must never be sampled (the engine masks them).
+No merges, no normalisation: any string round-trips exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class ByteTokenizer:
+  """Maps text to UTF-8 byte ids and back."""
+
+  BOS = 256
+  EOS = 257
+  PAD = 258
+  vocab_size = 259
+
+  bos_id = BOS
+  eos_id = EOS
+  pad_id = PAD
+
+  def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+    """Encodes `text` as its UTF-8 bytes.
+
+    Args:
+      text: the string to encode.
+      add_bos: prepend BOS.
+      add_eos: append EOS.
+
+    Returns:
+      Token ids.
+    """
+    if not isinstance(text, str):
+      raise TypeError(f"text must be a str, got {type(text).__name__}")
+    ids = list(text.encode("utf-8"))
+    return ([self.BOS] if add_bos else []) + ids + ([self.EOS] if add_eos else [])
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Decodes byte ids to text, skipping special ids; invalid UTF-8 becomes U+FFFD.
+
+    Raises:
+      ValueError: if an id is outside [0, vocab_size).
+    """
+    out = bytearray()
+    for i in ids:
+      i = int(i)
+      if not 0 <= i < self.vocab_size:
+        raise ValueError(f"token id {i} outside [0, {self.vocab_size})")
+      if i < 256:
+        out.append(i)
+    return out.decode("utf-8", errors="replace")

@@ -1,0 +1,153 @@
+"""The engine end to end on the bundled model: exactness, batching, stops, errors, compiles."""
+
+import numpy as np
+import pytest
+
+from pagedjax import LLM, SamplingParams
+from pagedjax.model import greedy_generate_dense, load_bundled_model
+from pagedjax.tokenizer import ByteTokenizer
+
+PROMPTS = [
+    "The Python ",
+    "def f(x):\n    return ",
+    "The try statement specifies exception handlers and/or cleanup code for a group of statements",
+    "A",
+    "Assignment statements are used to (re)bind names to values and to modify attributes or "
+    "items of mutable objects. The syntax is as follows:",
+]
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="session")
+def llm():
+  return LLM(num_blocks=256, block_size=16, max_num_seqs=8, attention_impl="xla")
+
+
+@pytest.fixture(scope="session")
+def dense_model():
+  return load_bundled_model()[1]
+
+
+def _dense_greedy(model, prompt: str, max_tokens: int) -> list[int]:
+  return greedy_generate_dense(model, TOK.encode(prompt), max_tokens,
+                               num_valid_tokens=TOK.vocab_size, stop_token_ids=(TOK.eos_id,))
+
+
+def _tokens(outputs):
+  return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_greedy_matches_dense_no_cache_forward(llm, dense_model):
+  outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0))
+  for prompt, out in zip(PROMPTS, outs):
+    assert out.prompt_token_ids == TOK.encode(prompt)
+    assert out.outputs[0].token_ids == _dense_greedy(dense_model, prompt, 12), prompt
+    assert out.outputs[0].text == TOK.decode(out.outputs[0].token_ids)
+  assert llm.memory_stats()["num_free_blocks"] == llm.memory_stats()["num_blocks"]
+
+
+def test_greedy_matches_dense_with_pallas_interpret(dense_model):
+  llm = LLM(num_blocks=64, block_size=16, max_num_seqs=2, attention_impl="pallas_interpret")
+  prompts = PROMPTS[:2]
+  outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0))
+  for prompt, out in zip(prompts, outs):
+    assert out.outputs[0].token_ids == _dense_greedy(dense_model, prompt, 4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_output_does_not_depend_on_batch(llm, temperature):
+  params = [SamplingParams(max_tokens=10, temperature=temperature, top_p=0.95, seed=100 + i)
+            for i in range(len(PROMPTS))]
+  batched = _tokens(llm.generate(PROMPTS, params))
+  alone = [_tokens(llm.generate([p], [sp]))[0] for p, sp in zip(PROMPTS, params)]
+  assert batched == alone
+
+
+def test_preemption_does_not_change_outputs():
+  params = [SamplingParams(max_tokens=40, temperature=0.8, seed=i, ignore_eos=True)
+            for i in range(6)]
+  prompts = [p[:40] for p in PROMPTS] + ["x"]
+  ample = LLM(num_blocks=128, block_size=8, max_num_seqs=8)
+  ref = _tokens(ample.generate(prompts, params))
+  for mode in ("recompute", "swap"):
+    tight = LLM(num_blocks=20, block_size=8, max_num_seqs=8, preemption_mode=mode)
+    assert _tokens(tight.generate(prompts, params)) == ref, mode
+    stats = tight.memory_stats()
+    assert stats["num_preemptions"] > 0, stats
+    if mode == "swap":
+      assert stats["num_preemptions_swap"] > 0 and stats["num_blocks_swapped_in"] > 0
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+    assert stats["free_host_blocks"] == stats["total_host_blocks"]
+
+
+def test_stop_conditions(llm):
+  base = llm.generate("The Python ", SamplingParams(max_tokens=20, temperature=0.0))[0].outputs[0]
+  text = base.text
+  assert base.finish_reason == "length" and len(base.token_ids) == 20
+  # A stop string taken from the greedy text cuts it there.
+  stop = text[5:8]
+  out = llm.generate("The Python ", SamplingParams(max_tokens=20, temperature=0.0, stop=stop))
+  c = out[0].outputs[0]
+  assert c.finish_reason == "stop" and c.stop_reason == stop
+  assert c.text == text[:text.find(stop)]
+  # A stop token id ends generation and is kept in token_ids.
+  tok = base.token_ids[3]
+  c = llm.generate("The Python ", SamplingParams(max_tokens=20, temperature=0.0,
+                                                 stop_token_ids=[tok]))[0].outputs[0]
+  assert c.token_ids == base.token_ids[:base.token_ids.index(tok) + 1]
+  assert c.finish_reason == "stop" and c.stop_reason == tok
+  # min_tokens bans the stop token before it is reached.
+  c = llm.generate("The Python ", SamplingParams(max_tokens=20, temperature=0.0, min_tokens=10,
+                                                 stop_token_ids=[tok]))[0].outputs[0]
+  assert tok not in c.token_ids[:10]
+
+
+def test_streaming_step_api(llm):
+  rid = llm.add_request("stream-1", "The Python ", SamplingParams(max_tokens=6, temperature=0.0))
+  seen = []
+  while llm.has_unfinished_requests():
+    for out in llm.step():
+      assert out.request_id == rid
+      seen.append(list(out.outputs[0].token_ids))
+  assert [len(s) for s in seen] == list(range(1, 7))
+  assert seen[-1] == llm.generate("The Python ", SamplingParams(max_tokens=6, temperature=0.0))[
+      0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("prompt, params, match", [
+    ("", None, "empty"),
+    ([], None, "empty"),
+    ("x" * 600, None, "context"),
+    ([1, 2, 999], None, "vocabulary"),
+    ([1, -1], None, "vocabulary"),
+    ("ok", dict(max_tokens=0), "max_tokens"),
+    ("ok", dict(temperature=-1.0), "temperature"),
+    ("ok", dict(top_p=0.0), "top_p"),
+    ("ok", dict(top_k=-3), "top_k"),
+])
+def test_bad_input_raises_and_engine_keeps_serving(llm, prompt, params, match):
+  with pytest.raises(ValueError, match=match):
+    llm.generate(["fine prompt", prompt], SamplingParams(**params) if params else None)
+  assert not llm.has_unfinished_requests()
+  out = llm.generate("fine", SamplingParams(max_tokens=3, temperature=0.0))
+  assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_prompt_that_can_never_fit_is_rejected():
+  small = LLM(num_blocks=4, block_size=16)
+  with pytest.raises(ValueError, match="never fit"):
+    small.add_request(None, "y" * 100, SamplingParams(max_tokens=1))
+  assert not small.has_unfinished_requests()
+
+
+def test_compilations_are_bounded(llm):
+  rng = np.random.default_rng(0)
+  prompts = ["".join(chr(97 + c) for c in rng.integers(0, 26, size=n))
+             for n in rng.integers(1, 120, size=20)]
+  params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+  llm.generate(prompts, params)
+  after_first = llm.memory_stats()["num_compilations"]
+  # decode buckets 1..8 (4) + prefill (rows x tokens) buckets (<= 4 x 4 here).
+  assert after_first <= 4 + 16
+  llm.generate(prompts, params)
+  assert llm.memory_stats()["num_compilations"] == after_first  # steady state: no new programs
