@@ -21,15 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pagedjax import checkpoint
 from pagedjax import kv_cache as kvc
 from pagedjax import sampler
 from pagedjax.block_manager import BlockManager
-from pagedjax.model import ModelConfig, load_bundled_model, load_model
+from pagedjax.model import ModelConfig
 from pagedjax.outputs import CompletionOutput, RequestOutput
 from pagedjax.sampling_params import SamplingParams
 from pagedjax.scheduler import Scheduler
 from pagedjax.sequence import Sequence, SequenceGroup, SequenceStatus
-from pagedjax.tokenizer import ByteTokenizer
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 _MAX_BANNED = 8          # stop-token bans per row (min_tokens); more raise ValueError
@@ -77,8 +77,7 @@ class LLM:
     if attention_impl == "auto":
       attention_impl = "pallas" if jax.default_backend() == "gpu" else "xla"
     self.attention_impl = attention_impl
-    self.tokenizer = ByteTokenizer()
-    cfg, module = load_bundled_model() if model is None else load_model(model)[:2]
+    cfg, module, self.tokenizer = checkpoint.load(model)
     self.model_config: ModelConfig = cfg
     self.dtype = jnp.dtype(dtype)
     self.block_size = block_size
@@ -174,8 +173,9 @@ class LLM:
     if len(ids) >= self.max_seq_len:
       raise ValueError(f"prompt of {len(ids)} tokens does not leave room to generate within the "
                        f"model's context of {self.max_seq_len} tokens")
-    if len(params.stop_token_ids) + 1 > _MAX_BANNED:
-      raise ValueError(f"at most {_MAX_BANNED - 1} stop_token_ids, got {len(params.stop_token_ids)}")
+    max_stop_ids = _MAX_BANNED - len(self.tokenizer.eos_token_ids)
+    if len(params.stop_token_ids) > max_stop_ids:
+      raise ValueError(f"at most {max_stop_ids} stop_token_ids, got {len(params.stop_token_ids)}")
     need = min(len(ids) + params.max_tokens, self.max_seq_len)
     need_blocks = -(-need // self.block_size) * params.n
     if need_blocks > self.bm.num_blocks:
@@ -239,7 +239,7 @@ class LLM:
       samp["top_k"][i] = p.top_k
       samp["top_p"][i] = p.top_p
       if len(seq.output_token_ids) < p.min_tokens:
-        bans = p.stop_token_ids + ([] if p.ignore_eos else [self.tokenizer.eos_id])
+        bans = p.stop_token_ids + ([] if p.ignore_eos else list(self.tokenizer.eos_token_ids))
         samp["banned_ids"][i, :len(bans)] = bans
     if so.cow:
       cow[:, :len(so.cow)] = np.asarray(so.cow, np.int32).T
@@ -295,7 +295,7 @@ class LLM:
     text = self.tokenizer.decode(seq.output_token_ids)
     reason, stop_reason = None, None
     if num_out >= p.min_tokens:
-      if tok == self.tokenizer.eos_id and not p.ignore_eos:
+      if tok in self.tokenizer.eos_token_ids and not p.ignore_eos:
         reason = "stop"
       elif tok in p.stop_token_ids:
         reason, stop_reason = "stop", tok

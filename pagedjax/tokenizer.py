@@ -22,6 +22,8 @@ class ByteTokenizer:
   bos_id = BOS
   eos_id = EOS
   pad_id = PAD
+  # The engine's tokenizer interface: every id that ends generation (HF models may have several).
+  eos_token_ids = (EOS,)
 
   def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
     """Encodes `text` as its UTF-8 bytes.
