@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pagedjax import checkpoint
+from pagedjax import beam_search, checkpoint
 from pagedjax import kv_cache as kvc
 from pagedjax import sampler
 from pagedjax.block_manager import BlockManager
@@ -33,7 +33,7 @@ from pagedjax.sequence import Sequence, SequenceGroup, SequenceStatus
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 _MAX_BANNED = 8          # stop-token bans per row (min_tokens); more raise ValueError
-_NUM_TOP_LOGPROBS = 8    # (id, logprob) pairs returned per row each step
+_NUM_TOP_LOGPROBS = 16   # (id, logprob) pairs returned per row each step: beam_width <= 8
 _MIN_PREFILL_BUCKET = 16
 
 
@@ -41,6 +41,29 @@ def _bucket(n: int, cap: int, minimum: int = 1) -> int:
   """Smallest power of two >= n (at least `minimum`), capped at `cap`."""
   b = max(minimum, 1 << max(0, (n - 1).bit_length()))
   return min(b, cap)
+
+
+_TRACES = {"step": 0}  # traces (= compilations) of `_step` in this process
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "vocab_size"),
+                   donate_argnames=("kv",))
+def _step(params, kv, plan, samp, *, graphdef, impl, vocab_size):
+  """One engine step: COW copies, paged forward, sampling. Module-level so that every
+  engine with the same model structure shares the compiled programs."""
+  _TRACES["step"] += 1  # runs once per trace, i.e. per compiled program
+  kv = kvc.copy_kv_blocks(kv, plan["cow_src"], plan["cow_dst"])
+  model = nnx.merge(graphdef, params)
+  logits, kv = model.forward_paged(
+      plan["tokens"], plan["positions"], kv, block_tables=plan["block_tables"],
+      context_lens=plan["context_lens"], query_lens=plan["query_lens"],
+      slot_mapping=plan["slot_mapping"], impl=impl)  # logits [B, V] at each row's last token
+  logits = logits[samp["row_index"]]  # [R, V]: one row per sample
+  keys = sampler.row_keys(samp["seeds"], samp["sample_indices"], samp["out_positions"])
+  out = sampler.sample(logits, temperature=samp["temperature"], top_k=samp["top_k"],
+                       top_p=samp["top_p"], keys=keys, banned_ids=samp["banned_ids"],
+                       vocab_size=vocab_size, num_top_logprobs=_NUM_TOP_LOGPROBS)
+  return kv, out
 
 
 class LLM:
@@ -106,36 +129,14 @@ class LLM:
     graphdef, params = nnx.split(module)
     self._params = jax.tree.map(lambda x: x.astype(self.dtype) if x.dtype == jnp.float32 else x,
                                 params)
-    self._num_compilations = 0
-    self._step_fn = self._make_step_fn(graphdef)
+    self._graphdef = graphdef
+    self._programs: set[tuple] = set()  # distinct step programs (shapes) this engine ran
     self._request_counter = itertools.count()
     self._arrivals = itertools.count()
     self._seed_rng = np.random.default_rng(seed)
     self._groups: dict[str, SequenceGroup] = {}
     self._stats = {"num_steps": 0, "num_prefill_steps": 0, "num_decode_steps": 0,
                    "num_generated_tokens": 0, "num_prefill_tokens": 0, "step_time_s": 0.0}
-
-  # ------------------------------------------------------------ jitted step
-  def _make_step_fn(self, graphdef):
-    impl = self.attention_impl
-    vocab_size = self.tokenizer.vocab_size
-
-    @functools.partial(jax.jit, donate_argnames=("kv",))
-    def step_fn(params, kv, plan, samp):
-      self._num_compilations += 1  # runs once per trace, i.e. per compiled program
-      kv = kvc.copy_kv_blocks(kv, plan["cow_src"], plan["cow_dst"])
-      model = nnx.merge(graphdef, params)
-      logits, kv = model.forward_paged(
-          plan["tokens"], plan["positions"], kv, block_tables=plan["block_tables"],
-          context_lens=plan["context_lens"], query_lens=plan["query_lens"],
-          slot_mapping=plan["slot_mapping"], impl=impl)  # logits [B, V] at each row's last token
-      keys = sampler.row_keys(samp["seeds"], samp["sample_indices"], samp["out_positions"])
-      out = sampler.sample(logits, temperature=samp["temperature"], top_k=samp["top_k"],
-                           top_p=samp["top_p"], keys=keys, banned_ids=samp["banned_ids"],
-                           vocab_size=vocab_size, num_top_logprobs=_NUM_TOP_LOGPROBS)
-      return kv, out
-
-    return step_fn
 
   # --------------------------------------------------------------- requests
   def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
@@ -167,8 +168,15 @@ class LLM:
     params = SamplingParams() if params is None else params
     if not isinstance(params, SamplingParams):
       raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-    if params.n > 1 or params.use_beam_search:
-      raise NotImplementedError("n > 1 and beam search are not implemented yet")
+    width = params.beam_width if params.use_beam_search else params.n
+    if width > self.max_num_seqs:
+      raise ValueError(f"a request of {width} sequences (n / beam_width) can never be scheduled "
+                       f"with max_num_seqs={self.max_num_seqs}")
+    if params.use_beam_search:
+      if 2 * params.beam_width > _NUM_TOP_LOGPROBS:
+        raise ValueError(f"beam_width must be <= {_NUM_TOP_LOGPROBS // 2}, got {params.beam_width}")
+      if params.stop or params.stop_token_ids:
+        raise ValueError("stop strings / stop_token_ids are not supported with beam search")
     text, ids = self._tokenize(prompt)
     if len(ids) >= self.max_seq_len:
       raise ValueError(f"prompt of {len(ids)} tokens does not leave room to generate within the "
@@ -177,9 +185,10 @@ class LLM:
     if len(params.stop_token_ids) > max_stop_ids:
       raise ValueError(f"at most {max_stop_ids} stop_token_ids, got {len(params.stop_token_ids)}")
     need = min(len(ids) + params.max_tokens, self.max_seq_len)
-    need_blocks = -(-need // self.block_size) * params.n
+    need_blocks = -(-need // self.block_size) * width
     if need_blocks > self.bm.num_blocks:
-      raise ValueError(f"request needs {need_blocks} KV blocks ({need} tokens x n={params.n}) but "
+      raise ValueError(f"request needs {need_blocks} KV blocks ({need} tokens x {width} "
+                       f"sequences) but "
                        f"the whole cache has {self.bm.num_blocks}: it can never fit")
     request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
     if request_id in self._groups:
@@ -199,8 +208,20 @@ class LLM:
     return self.scheduler.has_unfinished()
 
   # ------------------------------------------------------------------ steps
-  def _build_plan(self, so) -> tuple[dict, dict]:
-    """Pads one scheduled step into bucketed numpy arrays."""
+  def _is_fresh_fork(self, seq: Sequence) -> bool:
+    """A parallel-sampling prompt prefilled once, then forked into n samples."""
+    group = self._groups[seq.request_id]
+    p = group.params
+    return p.n > 1 and not p.use_beam_search and len(group.seqs) == 1 and not seq.output_token_ids
+
+  def _build_plan(self, so) -> tuple[dict, dict, list[tuple[Sequence, int]]]:
+    """Pads one scheduled step into bucketed numpy arrays.
+
+    Returns:
+      (model plan, sampling arrays, sample rows): sample row r draws from logit row
+      samp["row_index"][r] for (sequence, sample index) sample_rows[r]; a fresh
+      parallel-sampling prompt has n sample rows on its one logit row.
+    """
     rows = len(so.seqs)
     b = _bucket(rows, self.max_num_seqs)
     t = (_bucket(max(len(q) for q in so.query_token_ids), self.max_seq_len, _MIN_PREFILL_BUCKET)
@@ -212,14 +233,9 @@ class LLM:
     context_lens = np.zeros((b,), np.int32)
     query_lens = np.zeros((b,), np.int32)
     cow = np.full((2, b), -1, np.int32)
-    samp = {
-        "seeds": np.zeros((b,), np.int32), "sample_indices": np.zeros((b,), np.int32),
-        "out_positions": np.zeros((b,), np.int32), "temperature": np.zeros((b,), np.float32),
-        "top_k": np.zeros((b,), np.int32), "top_p": np.ones((b,), np.float32),
-        "banned_ids": np.full((b, _MAX_BANNED), -1, np.int32),
-    }
+    sample_rows: list[tuple[Sequence, int]] = []
+    row_of_sample: list[int] = []
     for i, (seq, ctx, q) in enumerate(zip(so.seqs, so.context_lens, so.query_token_ids)):
-      group = self._groups[seq.request_id]
       n = len(q)
       tokens[i, :n] = q
       positions[i, :n] = np.arange(ctx, ctx + n)
@@ -231,22 +247,39 @@ class LLM:
       block_tables[i, :len(table)] = table
       context_lens[i] = ctx
       query_lens[i] = n
+      if so.is_prefill and self._is_fresh_fork(seq):
+        for j in range(self._groups[seq.request_id].params.n):
+          sample_rows.append((seq, j))
+          row_of_sample.append(i)
+      else:
+        sample_rows.append((seq, seq.sample_index))
+        row_of_sample.append(i)
+    r = _bucket(len(sample_rows), 1 << 30)
+    samp = {
+        "row_index": np.zeros((r,), np.int32), "seeds": np.zeros((r,), np.int32),
+        "sample_indices": np.zeros((r,), np.int32), "out_positions": np.zeros((r,), np.int32),
+        "temperature": np.zeros((r,), np.float32), "top_k": np.zeros((r,), np.int32),
+        "top_p": np.ones((r,), np.float32), "banned_ids": np.full((r, _MAX_BANNED), -1, np.int32),
+    }
+    samp["row_index"][:len(row_of_sample)] = row_of_sample
+    for k, (seq, j) in enumerate(sample_rows):
+      group = self._groups[seq.request_id]
       p = group.params
-      samp["seeds"][i] = group.seed
-      samp["sample_indices"][i] = seq.sample_index
-      samp["out_positions"][i] = len(seq.output_token_ids)
-      samp["temperature"][i] = p.temperature
-      samp["top_k"][i] = p.top_k
-      samp["top_p"][i] = p.top_p
+      samp["seeds"][k] = group.seed
+      samp["sample_indices"][k] = j
+      samp["out_positions"][k] = len(seq.output_token_ids)
+      samp["temperature"][k] = p.temperature
+      samp["top_k"][k] = p.top_k
+      samp["top_p"][k] = p.top_p
       if len(seq.output_token_ids) < p.min_tokens:
         bans = p.stop_token_ids + ([] if p.ignore_eos else list(self.tokenizer.eos_token_ids))
-        samp["banned_ids"][i, :len(bans)] = bans
+        samp["banned_ids"][k, :len(bans)] = bans
     if so.cow:
       cow[:, :len(so.cow)] = np.asarray(so.cow, np.int32).T
     plan = {"tokens": tokens, "positions": positions, "slot_mapping": slot_mapping,
             "block_tables": block_tables, "context_lens": context_lens, "query_lens": query_lens,
             "cow_src": cow[0], "cow_dst": cow[1]}
-    return plan, samp
+    return plan, samp, sample_rows
 
   def _apply_swaps(self, so) -> None:
     if so.swap_out:
@@ -263,22 +296,35 @@ class LLM:
     self._apply_swaps(so)
     if not so.seqs:
       return []
-    plan, samp = self._build_plan(so)
-    self.kv, out = self._step_fn(self._params, self.kv, plan, samp)
-    tokens, logprobs, _, _ = jax.device_get(out)
+    plan, samp, sample_rows = self._build_plan(so)
+    self._programs.add((so.is_prefill, plan["tokens"].shape, samp["row_index"].shape))
+    self.kv, out = _step(self._params, self.kv, plan, samp, graphdef=self._graphdef,
+                         impl=self.attention_impl, vocab_size=self.tokenizer.vocab_size)
+    tokens, logprobs, top_ids, top_lps = jax.device_get(out)
     touched: dict[str, SequenceGroup] = {}
-    for i, seq in enumerate(so.seqs):
+    beam_rows: dict[str, list[tuple[Sequence, int]]] = {}
+    # Fresh parallel samples fork off the prompt's blocks before the prompt's own
+    # sequence (sample 0) appends its token, so each child starts from the prompt alone.
+    row_seqs = [seq if seq.sample_index == j else
+                self._fork(self._groups[seq.request_id], seq, sample_index=j)
+                for seq, j in sample_rows]
+    for r, seq in enumerate(row_seqs):
       group = self._groups[seq.request_id]
-      seq.append_token(int(tokens[i]), float(logprobs[i]))
+      touched[group.request_id] = group
+      if group.params.use_beam_search:
+        beam_rows.setdefault(group.request_id, []).append((seq, r))
+        continue
+      seq.append_token(int(tokens[r]), float(logprobs[r]))
       self._check_stop(seq, group)
       if seq.is_finished:
         self.scheduler.finish_seq(seq)
-      touched[group.request_id] = group
+    for rid, rows in beam_rows.items():
+      self._beam_step(self._groups[rid], rows, top_ids, top_lps)
     self.scheduler.free_finished_groups()
     st = self._stats
     st["num_steps"] += 1
     st["num_prefill_steps" if so.is_prefill else "num_decode_steps"] += 1
-    st["num_generated_tokens"] += len(so.seqs)
+    st["num_generated_tokens"] += len(sample_rows)
     if so.is_prefill:
       st["num_prefill_tokens"] += sum(len(q) for q in so.query_token_ids)
     st["step_time_s"] += time.perf_counter() - start
@@ -287,6 +333,55 @@ class LLM:
       if g.is_finished:
         del self._groups[g.request_id]
     return results
+
+  def _fork(self, group: SequenceGroup, parent: Sequence, *, sample_index: int) -> Sequence:
+    """A new running sequence sharing every block of `parent` (copy-on-write later)."""
+    child = parent.fork(sample_index=sample_index)
+    self.bm.fork(parent.seq_id, child.seq_id)
+    group.seqs.append(child)
+    return child
+
+  def _beam_step(self, group: SequenceGroup, rows, top_ids, top_lps) -> None:
+    """Advances a beam-search group: keep the best beams, fork / free, maybe finish."""
+    p = group.params
+    seqs = [seq for seq, _ in rows]
+    beams = [(seq.output_token_ids, seq.cumulative_logprob) for seq in seqs]
+    eos = () if p.ignore_eos else tuple(self.tokenizer.eos_token_ids)
+    nxt, finished = beam_search.select(beams, [top_ids[r] for _, r in rows],
+                                       [top_lps[r] for _, r in rows], beam_width=p.beam_width,
+                                       eos_ids=eos, length_penalty=p.length_penalty)
+    group.hypotheses += finished
+    # Forks copy the parent's host tokens before any parent appends its own new token.
+    targets, used = [], set()
+    for b, tok, lp in nxt:
+      parent = seqs[b]
+      if parent.seq_id in used:
+        targets.append((self._fork(group, parent, sample_index=0), tok, lp))
+      else:
+        used.add(parent.seq_id)
+        targets.append((parent, tok, lp))
+    for seq in seqs:
+      if seq.seq_id not in used:  # a dropped beam: its blocks (or its references) go back
+        self.scheduler.finish_seq(seq)
+        group.seqs.remove(seq)
+    running = []
+    for seq, tok, lp in targets:
+      seq.append_token(tok, lp)
+      if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_seq_len:
+        group.hypotheses.append(beam_search.Hypothesis(
+            list(seq.output_token_ids), seq.cumulative_logprob, "length",
+            beam_search.beam_score(seq.cumulative_logprob, len(seq.output_token_ids),
+                                   p.length_penalty)))
+        self.scheduler.finish_seq(seq)
+        group.seqs.remove(seq)
+      else:
+        running.append(seq)
+    if beam_search.is_done(group.hypotheses,
+                           [(s.output_token_ids, s.cumulative_logprob) for s in running],
+                           beam_width=p.beam_width, length_penalty=p.length_penalty):
+      for seq in running:
+        self.scheduler.finish_seq(seq)
+        group.seqs.remove(seq)
 
   def _check_stop(self, seq: Sequence, group: SequenceGroup) -> None:
     p = group.params
@@ -315,6 +410,20 @@ class LLM:
       seq.finish_reason, seq.stop_reason = reason, stop_reason
 
   def _request_output(self, group: SequenceGroup) -> RequestOutput:
+    if group.params.use_beam_search:
+      if group.is_finished:
+        hyps = beam_search.best(group.hypotheses, group.params.n)
+      else:  # running beams, best first, as provisional outputs
+        hyps = beam_search.best([beam_search.Hypothesis(
+            list(s.output_token_ids), s.cumulative_logprob, None,
+            beam_search.beam_score(s.cumulative_logprob, len(s.output_token_ids),
+                                   group.params.length_penalty)) for s in group.seqs],
+            group.params.n)
+      outs = [CompletionOutput(index=i, text=self.tokenizer.decode(h.token_ids),
+                               token_ids=h.token_ids, cumulative_logprob=h.cumulative_logprob,
+                               finish_reason=h.finish_reason) for i, h in enumerate(hyps)]
+      return RequestOutput(group.request_id, group.prompt, list(group.prompt_token_ids), outs,
+                           group.is_finished)
     outs = [CompletionOutput(index=i, text=s.output_text, token_ids=list(s.output_token_ids),
                              cumulative_logprob=s.cumulative_logprob,
                              logprobs=list(s.output_logprobs) if group.params.logprobs is not None
@@ -376,7 +485,8 @@ class LLM:
   # ------------------------------------------------------------------ stats
   @property
   def num_compilations(self) -> int:
-    return self._num_compilations
+    """Distinct step programs this engine has run; each is compiled at most once per process."""
+    return len(self._programs)
 
   def memory_stats(self) -> dict:
     """Block-pool, preemption, compilation and throughput counters as a flat dict."""
@@ -389,5 +499,6 @@ class LLM:
         num_preemptions_swap=self.scheduler.num_preemptions["swap"],
         num_blocks_swapped_out=self.scheduler.num_blocks_swapped["out"],
         num_blocks_swapped_in=self.scheduler.num_blocks_swapped["in"],
-        num_compilations=self._num_compilations, **self._stats)
+        num_compilations=self.num_compilations, process_step_traces=_TRACES["step"],
+        **self._stats)
     return stats

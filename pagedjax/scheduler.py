@@ -114,11 +114,18 @@ class Scheduler:
     return self._schedule_decode()
 
   def _group_token_cost(self, group: SequenceGroup) -> tuple[int, int, int]:
-    """(rows, tokens, blocks) to prefill a waiting group's sequences."""
+    """(rows, tokens, blocks) to prefill a waiting group's sequences.
+
+    A fresh group of n samples / beams is prefilled once and then forks, so it
+    counts as n rows (it will decode n sequences) but one prompt of blocks.
+    """
     seqs = group.seqs_with(SequenceStatus.WAITING)
     tokens = sum(s.num_tokens for s in seqs)
     blocks = sum(-(-s.num_tokens // self.bm.block_size) for s in seqs)
-    return len(seqs), tokens, blocks
+    p = group.params
+    fresh = len(group.seqs) == 1 and not group.seqs[0].output_token_ids
+    rows = (p.beam_width if p.use_beam_search else p.n) if fresh else len(seqs)
+    return rows, tokens, blocks
 
   def _schedule_prefill(self) -> SchedulerOutput:
     out = SchedulerOutput(True, [], [], [])

@@ -56,6 +56,16 @@ class Sequence:
   def is_finished(self) -> bool:
     return self.status is SequenceStatus.FINISHED
 
+  def fork(self, *, sample_index: int) -> "Sequence":
+    """A new sequence with this one's tokens so far (its blocks are forked by the caller)."""
+    child = Sequence(self.prompt_token_ids, request_id=self.request_id, sample_index=sample_index)
+    child.output_token_ids = list(self.output_token_ids)
+    child.output_logprobs = list(self.output_logprobs)
+    child.cumulative_logprob = self.cumulative_logprob
+    child.output_text = self.output_text
+    child.status = self.status
+    return child
+
   def append_token(self, token_id: int, logprob: float) -> None:
     self.output_token_ids.append(token_id)
     self.output_logprobs.append(logprob)
@@ -78,6 +88,8 @@ class SequenceGroup:
     self.arrival = arrival  # monotone admission order: lower = higher priority
     self.seed = seed        # resolved per-request seed (params.seed or drawn at add time)
     self.seqs = [Sequence(prompt_token_ids, request_id=request_id)]
+    # Beam search only: finished hypotheses (beam_search.Hypothesis).
+    self.hypotheses: list = []
 
   def seqs_with(self, status: SequenceStatus) -> list[Sequence]:
     return [s for s in self.seqs if s.status is status]
