@@ -1,25 +1,157 @@
-"""Loading a model for the engine: the bundled one or a directory.
+"""Model weight files: the project's own format, and loading any model for the engine.
 
-`load(path)` returns (ModelConfig, Transformer, tokenizer). The tokenizer
-interface the engine relies on: `encode(text) -> list[int]` (BOS as the model
-expects), `decode(ids) -> str` (special tokens skipped), `vocab_size` (valid
+The project's format is a directory with `model.safetensors` (flat parameter keys such
+as ``layers.0.attn.q_proj.kernel``, kernels [in, out]; no pickle) and a `config.json`
+whose "model" section is a `ModelConfig` (other sections hold metadata, e.g. training).
+`load(path)` is what the engine calls: the bundled model (path None), a directory in
+the project's format, or a Hugging Face checkpoint directory (pagedjax.hf).
+
+The tokenizer interface the engine relies on: `encode(text) -> list[int]` (BOS as the
+model expects), `decode(ids) -> str` (special tokens skipped), `vocab_size` (valid
 input ids are [0, vocab_size)) and `eos_token_ids` (ids that end generation).
+
+What it does not do: download anything, or hold two full copies of a model: tensors are
+read and converted one at a time.
 """
 
 from __future__ import annotations
 
-from pagedjax import model as model_lib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+
+from pagedjax import hf
+from pagedjax.model import ModelConfig, Transformer
 from pagedjax.tokenizer import ByteTokenizer
 
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 
-def load(path: str | None = None):
-  """Loads the bundled model (path None) or a directory written by `model.save_model`.
+
+def flat_params(model: nnx.Module, dtype: str = "float32") -> dict[str, np.ndarray]:
+  """Parameters as {"layers.0.attn.q_proj.kernel": array, ...}, cast to `dtype`."""
+  if dtype not in STORAGE_DTYPES:
+    raise ValueError(f"storage dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  return {
+    ".".join(str(k) for k in path): np.asarray(jnp.asarray(v[...], dtype)) for path, v in flat
+  }
+
+
+def save_model(
+  path: str | os.PathLike,
+  cfg: ModelConfig,
+  model: Transformer,
+  metadata: dict[str, Any] | None = None,
+  *,
+  dtype: str = "float32",
+) -> None:
+  """Writes `model.safetensors` (flat keys) and `config.json` into directory `path`.
+
+  Args:
+    path: output directory (created if missing).
+    cfg: the model's config, stored under "model" in config.json.
+    model: the transformer whose parameters are saved.
+    metadata: extra JSON-serialisable sections (e.g. {"training": {...}}) for config.json.
+    dtype: storage dtype of the tensors ("float32", "float16" or "bfloat16"); loading
+      always upcasts to float32, so a float16 file halves the size at a small rounding cost.
+  """
+  os.makedirs(path, exist_ok=True)
+  weights = os.path.join(path, WEIGHTS_FILE)
+  safetensors.numpy.save_file(flat_params(model, dtype), weights)
+  os.chmod(weights, 0o644)  # safetensors creates it 0600; package data must be world-readable
+  doc = {"model": cfg.to_dict(), **(metadata or {})}
+  with open(os.path.join(path, CONFIG_FILE), "w") as f:
+    json.dump(doc, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def model_from_arrays(cfg: ModelConfig, arrays: Mapping[str, np.ndarray]) -> Transformer:
+  """Builds a `Transformer` from flat-keyed arrays (the layout in model.py's docstring).
+
+  Each value is fetched once and converted to a float32 device array before the next
+  one is fetched, so a lazy mapping (pagedjax.hf) streams a checkpoint tensor by tensor.
+
+  Raises:
+    ValueError: on missing or unexpected keys, or a shape mismatch (named).
+  """
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  flat = nnx.to_flat_state(state)
+  keys = {".".join(str(k) for k in path) for path, _ in flat}
+  if keys != set(arrays):
+    raise ValueError(
+      f"weight keys mismatch: missing {sorted(keys - set(arrays))}, "
+      f"unexpected {sorted(set(arrays) - keys)}"
+    )
+  leaves = []
+  for path, var in flat:
+    key = ".".join(str(k) for k in path)
+    value = arrays[key]
+    if tuple(value.shape) != tuple(var.shape):
+      raise ValueError(f"{key}: expected shape {tuple(var.shape)}, got {value.shape}")
+    leaves.append((path, var.replace(jnp.asarray(value).astype(jnp.float32))))
+  return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def load_model(path: str | os.PathLike) -> tuple[ModelConfig, Transformer, dict[str, Any]]:
+  """Loads what `save_model` wrote.
 
   Returns:
-    (ModelConfig, Transformer, tokenizer).
+    (config, model, the whole config.json document including metadata sections).
+  """
+  doc = hf.read_json(path, CONFIG_FILE)
+  cfg = ModelConfig.from_dict(doc["model"])
+  arrays = safetensors.numpy.load_file(os.path.join(path, WEIGHTS_FILE))
+  return cfg, model_from_arrays(cfg, arrays), doc
+
+
+def bundled_model_dir() -> str:
+  """Filesystem path of the weights shipped as package data (pagedjax/assets)."""
+  # Next to this file rather than importlib.resources.files("pagedjax"): the latter fails
+  # when pagedjax resolves as a namespace package (e.g. a stale editable install).
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+def load_bundled_model() -> tuple[ModelConfig, Transformer]:
+  """The small byte-level model trained on pydoc_data.topics (see train.py); no network."""
+  cfg, model, _ = load_model(bundled_model_dir())
+  return cfg, model
+
+
+def load(path: str | os.PathLike | None = None, *, max_seq_len: int | None = None):
+  """Loads a model and its tokenizer for the engine.
+
+  Args:
+    path: None for the bundled model; a directory whose config.json has a "model"
+      section (written by `save_model`); or a Hugging Face checkpoint directory.
+    max_seq_len: context length for a Hugging Face checkpoint (default: its
+      max_position_embeddings capped at `hf.DEFAULT_MAX_SEQ_LEN`); ignored otherwise.
+
+  Returns:
+    (ModelConfig, Transformer, tokenizer): a `ByteTokenizer` for the project's format,
+    a `hf.HFTokenizer` for a Hugging Face checkpoint.
+
+  Raises:
+    ValueError: naming the directory, file, key or tensor that is missing or unsupported.
   """
   if path is None:
-    cfg, module = model_lib.load_bundled_model()
-  else:
-    cfg, module, _ = model_lib.load_model(path)
-  return cfg, module, ByteTokenizer()
+    return (*load_bundled_model(), ByteTokenizer())
+  if not os.path.isdir(path):
+    raise ValueError(f"model directory {os.fspath(path)!r} does not exist")
+  doc = hf.read_json(path, CONFIG_FILE)
+  if "model" in doc:
+    cfg, module, _ = load_model(path)
+    return cfg, module, ByteTokenizer()
+  cfg = hf.config_from_hf(doc, max_seq_len=max_seq_len)
+  tokenizer = hf.HFTokenizer.from_dir(path, cfg)
+  with hf.HFWeights(path, cfg) as arrays:
+    module = model_from_arrays(cfg, arrays)
+  return cfg, module, tokenizer

@@ -68,7 +68,7 @@ def train(config: ml_collections.ConfigDict, out_dir: str | None = None) -> dict
   directory: the run that reproduces the shipped weights.
   """
   from pagedjax import train as train_lib
-  from pagedjax.model import bundled_model_dir
+  from pagedjax.checkpoint import bundled_model_dir
 
   c = config.train
   c.output_dir = out_dir or c.output_dir or bundled_model_dir()

@@ -1,7 +1,8 @@
-"""A Llama-family decoder-only transformer in Flax NNX, plus its weight files.
+"""A Llama-family decoder-only transformer in Flax NNX.
 
 What it is: token embedding, RMSNorm (pre-norm), rotary position embeddings in the
-Hugging Face Llama "rotate_half" layout, grouped-query attention, SwiGLU MLP and
+Hugging Face Llama "rotate_half" layout (optionally with Llama 3.1's long-context
+frequency rescaling), grouped-query attention, SwiGLU MLP and
 optional tied input/output embeddings. Optional q/k/v biases (Qwen2) and per-head
 q/k RMSNorm (Qwen3) are config flags so those checkpoints map onto the same tree.
 
@@ -10,11 +11,11 @@ that every cached/paged path must match, and the paged forward (`forward_paged`)
 the engine jits: it writes each layer's new K/V into the paged cache and attends through
 the attention dispatch (xla | pallas). `Attention.qkv` (projections + rope) and
 `Attention.out` are separate methods so a paged forward reuses them unchanged and
-differs only in where K/V live. It also saves/loads weights as safetensors (flat keys
-such as ``layers.0.attn.q_proj.kernel``; no pickle) with a JSON config.
+differs only in where K/V live.
 
-What it does not do: block allocation, sampling or batching (the engine's job), and no
-dropout (training here is small enough not to need it).
+What it does not do: block allocation, sampling or batching (the engine's job), weight
+files (pagedjax.checkpoint, pagedjax.hf), and no dropout (training here is small enough
+not to need it).
 
 Parameter layout (all float32; computation in `ModelConfig.dtype`):
   embed.embedding                 [V, dim]
@@ -33,22 +34,37 @@ Parameter layout (all float32; computation in `ModelConfig.dtype`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from flax import nnx
 
 from pagedjax.attention import paged_decode_attention, paged_prefill_attention
 from pagedjax.kv_cache import KVCache, write_kv_layer
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+  """Llama 3.1+ rope frequency rescaling (HF ``rope_scaling`` with rope_type "llama3").
+
+  Wavelengths longer than original_max_len / low_freq_factor are stretched by `factor`,
+  those shorter than original_max_len / high_freq_factor are kept, and the band between
+  is interpolated smoothly.
+  """
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_len: int
+
+  def __post_init__(self):
+    if self.factor <= 0 or self.original_max_len < 1:
+      raise ValueError(f"rope scaling needs factor > 0 and original_max_len >= 1, got {self}")
+    if not 0 < self.low_freq_factor < self.high_freq_factor:
+      raise ValueError(f"rope scaling needs 0 < low_freq_factor < high_freq_factor, got {self}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +87,8 @@ class ModelConfig:
   # Longest context the model is meant for (positions 0..max_seq_len-1).
   max_seq_len: int = 512
   rope_theta: float = 10000.0
+  # Llama 3.1+ long-context rescaling of the rope frequencies; None = plain theta^(-2i/D).
+  rope_scaling: Llama3RopeScaling | None = None
   norm_eps: float = 1e-5
   # Output projection = transposed input embedding.
   tie_embeddings: bool = True
@@ -117,6 +135,11 @@ class ModelConfig:
     unknown = set(d) - known
     if unknown:
       raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
+    if isinstance(d.get("rope_scaling"), dict):
+      fields = {f.name for f in dataclasses.fields(Llama3RopeScaling)}
+      if set(d["rope_scaling"]) != fields:
+        raise ValueError(f"rope_scaling must have keys {sorted(fields)}, got {d['rope_scaling']}")
+      d = {**d, "rope_scaling": Llama3RopeScaling(**d["rope_scaling"])}
     return cls(**d)
 
 
@@ -137,9 +160,25 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...]).astype(x.dtype)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(
+  positions: jax.Array, head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None
+) -> tuple[jax.Array, jax.Array]:
   """Rotary tables for integer `positions` [...]; returns cos, sin [..., head_dim] float32."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [D/2]
+  if scaling is not None:  # as HF's _compute_llama3_parameters
+    s = scaling
+    wavelen = 2 * math.pi / inv_freq
+    stretched = jnp.where(
+      wavelen > s.original_max_len / s.low_freq_factor, inv_freq / s.factor, inv_freq
+    )
+    smooth = (s.original_max_len / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * stretched / s.factor + smooth * stretched
+    medium = (wavelen >= s.original_max_len / s.high_freq_factor) & (
+      wavelen <= s.original_max_len / s.low_freq_factor
+    )
+    inv_freq = jnp.where(medium, smoothed, stretched)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., D/2]
   angles = jnp.concatenate([angles, angles], axis=-1)  # [..., D] (HF duplicated halves)
   return jnp.cos(angles), jnp.sin(angles)
@@ -190,7 +229,7 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, D]
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # [B, T, D]
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
   def out(self, o: jax.Array) -> jax.Array:
@@ -423,94 +462,3 @@ def greedy_generate_dense(
     if tok in stop_token_ids:
       break
   return out
-
-
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def flat_params(model: nnx.Module, dtype: str = "float32") -> dict[str, np.ndarray]:
-  """Parameters as {"layers.0.attn.q_proj.kernel": array, ...}, cast to `dtype`."""
-  if dtype not in STORAGE_DTYPES:
-    raise ValueError(f"storage dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  return {
-    ".".join(str(k) for k in path): np.asarray(jnp.asarray(v[...], dtype)) for path, v in flat
-  }
-
-
-def save_model(
-  path: str | os.PathLike,
-  cfg: ModelConfig,
-  model: Transformer,
-  metadata: dict[str, Any] | None = None,
-  *,
-  dtype: str = "float32",
-) -> None:
-  """Writes `model.safetensors` (flat keys) and `config.json` into directory `path`.
-
-  Args:
-    path: output directory (created if missing).
-    cfg: the model's config, stored under "model" in config.json.
-    model: the transformer whose parameters are saved.
-    metadata: extra JSON-serialisable sections (e.g. {"training": {...}}) for config.json.
-    dtype: storage dtype of the tensors ("float32", "float16" or "bfloat16"); loading
-      always upcasts to float32, so a float16 file halves the size at a small rounding cost.
-  """
-  os.makedirs(path, exist_ok=True)
-  weights = os.path.join(path, WEIGHTS_FILE)
-  safetensors.numpy.save_file(flat_params(model, dtype), weights)
-  os.chmod(weights, 0o644)  # safetensors creates it 0600; package data must be world-readable
-  doc = {"model": cfg.to_dict(), **(metadata or {})}
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(doc, f, indent=2, sort_keys=True)
-    f.write("\n")
-
-
-def model_from_arrays(cfg: ModelConfig, arrays: dict[str, np.ndarray]) -> Transformer:
-  """Builds a `Transformer` from flat-keyed arrays (the safetensors layout above).
-
-  Raises:
-    ValueError: on missing or unexpected keys, or a shape mismatch (named).
-  """
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  flat = nnx.to_flat_state(state)
-  keys = {".".join(str(k) for k in path) for path, _ in flat}
-  if keys != set(arrays):
-    raise ValueError(
-      f"weight keys mismatch: missing {sorted(keys - set(arrays))}, "
-      f"unexpected {sorted(set(arrays) - keys)}"
-    )
-  leaves = []
-  for path, var in flat:
-    key = ".".join(str(k) for k in path)
-    if tuple(arrays[key].shape) != tuple(var.shape):
-      raise ValueError(f"{key}: expected shape {tuple(var.shape)}, got {arrays[key].shape}")
-    leaves.append((path, var.replace(jnp.asarray(arrays[key]).astype(jnp.float32))))
-  return nnx.merge(graphdef, nnx.from_flat_state(leaves))
-
-
-def load_model(path: str | os.PathLike) -> tuple[ModelConfig, Transformer, dict[str, Any]]:
-  """Loads what `save_model` wrote.
-
-  Returns:
-    (config, model, the whole config.json document including metadata sections).
-  """
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    doc = json.load(f)
-  cfg = ModelConfig.from_dict(doc["model"])
-  arrays = safetensors.numpy.load_file(os.path.join(path, WEIGHTS_FILE))
-  return cfg, model_from_arrays(cfg, arrays), doc
-
-
-def bundled_model_dir() -> str:
-  """Filesystem path of the weights shipped as package data (pagedjax/assets)."""
-  # Next to this file rather than importlib.resources.files("pagedjax"): the latter fails
-  # when pagedjax resolves as a namespace package (e.g. a stale editable install).
-  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-
-
-def load_bundled_model() -> tuple[ModelConfig, Transformer]:
-  """The small byte-level model trained on pydoc_data.topics (see train.py); no network."""
-  cfg, model, _ = load_model(bundled_model_dir())
-  return cfg, model

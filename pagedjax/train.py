@@ -23,6 +23,7 @@ import optax
 import tqdm
 from flax import nnx
 
+from pagedjax import checkpoint
 from pagedjax import model as model_lib
 from pagedjax.tokenizer import ByteTokenizer
 
@@ -254,7 +255,7 @@ def export(
   """Rounds a trained model to its storage dtype, evaluates and samples it, and saves it.
 
   The validation figure and the samples are those of the weights as stored (e.g. float16),
-  i.e. of exactly what `load_model` returns.
+  i.e. of exactly what `checkpoint.load_model` returns.
 
   Args:
     config: the training config (uses save_dtype, seq_len, eval_batch_size, val_fraction,
@@ -267,7 +268,7 @@ def export(
     The updated metrics (also written to config.json's "training" section if output_dir).
   """
   c, tok = config, ByteTokenizer()
-  stored = model_lib.model_from_arrays(cfg, model_lib.flat_params(model, c.save_dtype))
+  stored = checkpoint.model_from_arrays(cfg, checkpoint.flat_params(model, c.save_dtype))
   graphdef, params = nnx.split(stored)
   _, val_tokens = split_tokens(load_corpus_tokens(tok), c.val_fraction)
   val_bpb = bits_per_byte(make_eval_fn(graphdef), params, val_tokens, c.eval_batch_size, c.seq_len)
@@ -284,7 +285,7 @@ def export(
     print(f"greedy {prompt!r} -> {samples[prompt]!r}")
   metrics = {**metrics, "save_dtype": c.save_dtype, "val_bpb_stored": val_bpb, "samples": samples}
   if c.output_dir:
-    model_lib.save_model(
+    checkpoint.save_model(
       c.output_dir,
       cfg,
       stored,

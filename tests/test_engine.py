@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from pagedjax import LLM, SamplingParams
-from pagedjax.model import greedy_generate_dense, load_bundled_model
+from pagedjax.checkpoint import load_bundled_model
+from pagedjax.model import greedy_generate_dense
 from pagedjax.tokenizer import ByteTokenizer
 
 PROMPTS = [

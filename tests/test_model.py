@@ -1,4 +1,4 @@
-"""Transformer (dense forward), its config, rope layout, weight files and the bundled model."""
+"""Transformer (dense forward), its config and rope layout (weight files: test_checkpoint.py)."""
 
 import dataclasses
 import functools
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pagedjax import checkpoint as ckpt
 from pagedjax import model as M
-from pagedjax.tokenizer import ByteTokenizer
 
 TINY = M.ModelConfig(
   vocab_size=64,
@@ -95,7 +95,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads(num_kv_heads):
     if path[-2] in ("k_proj", "v_proj"):  # [dim, Hkv*D] -> [dim, H*D]
       w = np.repeat(w.reshape(TINY.dim, num_kv_heads, d), groups, axis=1).reshape(TINY.dim, -1)
     flat[".".join(map(str, path))] = w
-  mha = M.model_from_arrays(mha_cfg, flat)
+  mha = ckpt.model_from_arrays(mha_cfg, flat)
   x = tokens()
   np.testing.assert_allclose(np.asarray(fwd(gqa, x)), np.asarray(fwd(mha, x)), atol=1e-5)
   q, k, v = gqa.layers[0].attn.qkv(gqa.embed_tokens(x), jnp.broadcast_to(jnp.arange(12), x.shape))
@@ -150,7 +150,7 @@ def test_qwen_style_flags_add_params_and_run():
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   f32 = random_model(scale=0.1)
-  bf16 = M.model_from_arrays(dataclasses.replace(TINY, dtype="bfloat16"), M.flat_params(f32))
+  bf16 = ckpt.model_from_arrays(dataclasses.replace(TINY, dtype="bfloat16"), ckpt.flat_params(f32))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
   x = tokens()
   a, b = fwd(f32, x), fwd(bf16, x)
@@ -183,44 +183,26 @@ def test_config_round_trip_and_validation():
     random_model()(jnp.zeros((4,), jnp.int32))
 
 
-def test_save_load_round_trip_is_bit_exact(tmp_path):
-  model = random_model()
-  M.save_model(tmp_path, TINY, model, {"training": {"steps": 3}})
-  cfg, loaded, doc = M.load_model(tmp_path)
-  assert cfg == TINY and doc["training"] == {"steps": 3}
-  a, b = M.flat_params(model), M.flat_params(loaded)
-  assert "layers.0.attn.q_proj.kernel" in a and "embed.embedding" in a
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k])
-  x = tokens()
-  np.testing.assert_array_equal(np.asarray(fwd(model, x)), np.asarray(fwd(loaded, x)))
+def test_llama3_rope_scaling_round_trips_and_rescales_only_low_frequencies():
+  scaling = M.Llama3RopeScaling(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=64
+  )
+  cfg = dataclasses.replace(TINY, rope_scaling=scaling)
+  assert M.ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+  with pytest.raises(ValueError, match="low_freq_factor"):
+    dataclasses.replace(scaling, low_freq_factor=4.0)
+  d, theta, pos = 16, 10000.0, jnp.ones((1, 1), jnp.int32)
 
+  def angle(scaling):  # rotation angle at position 1 = the inverse frequency
+    cos, sin = M.rope_cos_sin(pos, d, theta, scaling)
+    return np.arctan2(np.asarray(sin), np.asarray(cos))[0, 0, : d // 2]
 
-def test_float16_storage_loads_as_rounded_float32(tmp_path):
-  model = random_model()
-  M.save_model(tmp_path, TINY, model, dtype="float16")
-  _, loaded, _ = M.load_model(tmp_path)
-  for key, value in M.flat_params(loaded).items():
-    assert value.dtype == np.float32
-    np.testing.assert_array_equal(value, M.flat_params(model, "float16")[key].astype(np.float32))
-  with pytest.raises(ValueError, match="int8"):
-    M.save_model(tmp_path, TINY, model, dtype="int8")
-
-
-def test_load_rejects_missing_and_misshapen_weights():
-  arrays = M.flat_params(random_model())
-  with pytest.raises(ValueError, match="final_norm.scale"):
-    M.model_from_arrays(TINY, {k: v for k, v in arrays.items() if k != "final_norm.scale"})
-  with pytest.raises(ValueError, match="embed.embedding"):
-    M.model_from_arrays(TINY, {**arrays, "embed.embedding": np.zeros((3, 3), np.float32)})
-
-
-def test_bundled_model_loads_and_gives_finite_logits():
-  cfg, model = M.load_bundled_model()
-  tok = ByteTokenizer()
-  assert cfg.vocab_size >= tok.vocab_size and cfg.num_kv_heads < cfg.num_heads
-  x = jnp.asarray([tok.encode("The Python ")], jnp.int32)
-  logits = fwd(model, x)
-  chex.assert_shape(logits, (1, x.shape[1], cfg.vocab_size))
-  chex.assert_tree_all_finite(logits)
+  freq = theta ** (-np.arange(0, d, 2) / d)
+  wavelen = 2 * np.pi / freq
+  high, low = wavelen < 64 / 4.0, wavelen > 64 / 1.0  # kept / divided by 8 / interpolated
+  assert high.any() and low.any() and (~high & ~low).any()
+  np.testing.assert_allclose(angle(scaling)[high], freq[high], rtol=1e-5)
+  np.testing.assert_allclose(angle(scaling)[low], freq[low] / 8, rtol=1e-4)
+  mid = ~high & ~low
+  assert np.all(angle(scaling)[mid] < freq[mid]) and np.all(angle(scaling)[mid] > freq[mid] / 8)
+  np.testing.assert_allclose(angle(None), freq, rtol=1e-5)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pagedjax import checkpoint as ckpt
 from pagedjax import model as M
 from pagedjax import train as T
 from pagedjax.tokenizer import ByteTokenizer
@@ -78,7 +79,7 @@ def test_tiny_run_learns_and_writes_loadable_weights(tmp_path):
   # From ~log2(320) = 8.3 bits at init, down past the byte-unigram level.
   assert bpb2 < bpb1 < 7.0 and metrics["val_bpb"] == bpb2
   assert metrics["tokens_seen"] == 12 * 4 * 16 and metrics["num_params"] > 0
-  cfg, model, doc = M.load_model(tmp_path)
+  cfg, model, doc = ckpt.load_model(tmp_path)
   assert cfg.dim == 32 and doc["training"]["num_steps"] == 12
   assert doc["training"]["config"]["seed"] == 0
   assert M.count_params(model) == metrics["num_params"]
