@@ -17,6 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ""
 
   config.engine = ml_collections.ConfigDict()
+  # Context limit in tokens; 0 uses the model's (Hugging Face checkpoints: capped at 4096).
+  config.engine.max_model_len = 0
   # Tokens per KV block (power of two); 16 is vLLM's default and ours.
   config.engine.block_size = 16
   # KV blocks on the device; 0 sizes the cache from kv_cache_memory_mb.

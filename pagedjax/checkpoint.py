@@ -16,6 +16,8 @@ read and converted one at a time.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 from collections.abc import Mapping
@@ -132,8 +134,9 @@ def load(path: str | os.PathLike | None = None, *, max_seq_len: int | None = Non
   Args:
     path: None for the bundled model; a directory whose config.json has a "model"
       section (written by `save_model`); or a Hugging Face checkpoint directory.
-    max_seq_len: context length for a Hugging Face checkpoint (default: its
-      max_position_embeddings capped at `hf.DEFAULT_MAX_SEQ_LEN`); ignored otherwise.
+    max_seq_len: context length (default: the model's; for a Hugging Face checkpoint
+      its max_position_embeddings capped at `hf.DEFAULT_MAX_SEQ_LEN`). A project-format
+      model can only be limited below the context it was built for.
 
   Returns:
     (ModelConfig, Transformer, tokenizer): a `ByteTokenizer` for the project's format,
@@ -143,15 +146,24 @@ def load(path: str | os.PathLike | None = None, *, max_seq_len: int | None = Non
     ValueError: naming the directory, file, key or tensor that is missing or unsupported.
   """
   if path is None:
-    return (*load_bundled_model(), ByteTokenizer())
+    cfg, module = load_bundled_model()
+    return _limit_context(cfg, max_seq_len), module, ByteTokenizer()
   if not os.path.isdir(path):
     raise ValueError(f"model directory {os.fspath(path)!r} does not exist")
   doc = hf.read_json(path, CONFIG_FILE)
   if "model" in doc:
     cfg, module, _ = load_model(path)
-    return cfg, module, ByteTokenizer()
+    return _limit_context(cfg, max_seq_len), module, ByteTokenizer()
   cfg = hf.config_from_hf(doc, max_seq_len=max_seq_len)
   tokenizer = hf.HFTokenizer.from_dir(path, cfg)
   with hf.HFWeights(path, cfg) as arrays:
     module = model_from_arrays(cfg, arrays)
   return cfg, module, tokenizer
+
+
+def _limit_context(cfg: ModelConfig, max_seq_len: int | None) -> ModelConfig:
+  if max_seq_len is None:
+    return cfg
+  if not 1 <= max_seq_len <= cfg.max_seq_len:
+    raise ValueError(f"max_seq_len={max_seq_len} must be in [1, {cfg.max_seq_len}] for this model")
+  return dataclasses.replace(cfg, max_seq_len=max_seq_len)

@@ -15,7 +15,8 @@ from pagedjax.sampling_params import SamplingParams
 
 def build_llm(config: ml_collections.ConfigDict) -> LLM:
   e = config.engine
-  return LLM(config.model or None, num_blocks=e.num_blocks or None, block_size=e.block_size,
+  return LLM(config.model or None, max_model_len=e.max_model_len or None,
+             num_blocks=e.num_blocks or None, block_size=e.block_size,
              num_host_blocks=None if e.num_host_blocks < 0 else e.num_host_blocks,
              max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
              preemption_mode=e.preemption_mode, attention_impl=e.attention_impl, dtype=e.dtype,

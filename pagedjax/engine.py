@@ -70,8 +70,10 @@ class LLM:
   """A paged-KV serving engine shaped like vLLM's `LLM`.
 
   Args:
-    model: None for the bundled model, or a directory written by
-      `pagedjax.model.save_model`.
+    model: None for the bundled model, or a directory: pagedjax's own format
+      (`checkpoint.save_model`) or a Hugging Face checkpoint (see pagedjax/hf.py).
+    max_model_len: context limit in tokens (None: the model's, capped at 4096
+      for Hugging Face checkpoints).
     num_blocks: KV blocks on the device; None sizes the cache from
       `kv_cache_memory_mb`.
     block_size: tokens per KV block.
@@ -86,7 +88,8 @@ class LLM:
     seed: seeds requests that do not set SamplingParams.seed.
   """
 
-  def __init__(self, model: str | None = None, *, num_blocks: int | None = None,
+  def __init__(self, model: str | None = None, *, max_model_len: int | None = None,
+               num_blocks: int | None = None,
                block_size: int = 16, num_host_blocks: int | None = None, max_num_seqs: int = 64,
                max_num_batched_tokens: int = 4096, preemption_mode: str = "recompute",
                attention_impl: str = "auto", dtype: str = "float32",
@@ -100,7 +103,7 @@ class LLM:
     if attention_impl == "auto":
       attention_impl = "pallas" if jax.default_backend() == "gpu" else "xla"
     self.attention_impl = attention_impl
-    cfg, module, self.tokenizer = checkpoint.load(model)
+    cfg, module, self.tokenizer = checkpoint.load(model, max_seq_len=max_model_len)
     self.model_config: ModelConfig = cfg
     self.dtype = jnp.dtype(dtype)
     self.block_size = block_size
@@ -130,6 +133,7 @@ class LLM:
     self._params = jax.tree.map(lambda x: x.astype(self.dtype) if x.dtype == jnp.float32 else x,
                                 params)
     self._graphdef = graphdef
+    self._peak_snapshot = {"used_blocks": 0, "empty_slots": 0, "waste_pct": 0.0}
     self._programs: set[tuple] = set()  # distinct step programs (shapes) this engine ran
     self._request_counter = itertools.count()
     self._arrivals = itertools.count()
@@ -321,6 +325,13 @@ class LLM:
     for rid, rows in beam_rows.items():
       self._beam_step(self._groups[rid], rows, top_ids, top_lps)
     self.scheduler.free_finished_groups()
+    used = self.bm.num_blocks - self.bm.num_free_blocks
+    if used > self._peak_snapshot["used_blocks"]:
+      # Internal fragmentation at the high-water mark (stats() walks the tables: only
+      # when a new peak is reached, so at most num_blocks times per engine).
+      m = self.bm.stats()
+      self._peak_snapshot = {"used_blocks": used, "empty_slots": m.empty_slots,
+                             "waste_pct": 100.0 * m.fragmentation}
     st = self._stats
     st["num_steps"] += 1
     st["num_prefill_steps" if so.is_prefill else "num_decode_steps"] += 1
@@ -499,6 +510,7 @@ class LLM:
         num_preemptions_swap=self.scheduler.num_preemptions["swap"],
         num_blocks_swapped_out=self.scheduler.num_blocks_swapped["out"],
         num_blocks_swapped_in=self.scheduler.num_blocks_swapped["in"],
+        peak_waste_pct=self._peak_snapshot["waste_pct"],
         num_compilations=self.num_compilations, process_step_traces=_TRACES["step"],
         **self._stats)
     return stats
