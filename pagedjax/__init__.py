@@ -14,6 +14,12 @@ from pagedjax.outputs import CompletionOutput, RequestOutput
 from pagedjax.sampling_params import SamplingParams
 
 __all__ = [
-    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "BlockAllocator",
-    "BlockManager", "NoFreeBlocksError", "SequenceStateError",
+    "LLM",
+    "BlockAllocator",
+    "BlockManager",
+    "CompletionOutput",
+    "NoFreeBlocksError",
+    "RequestOutput",
+    "SamplingParams",
+    "SequenceStateError",
 ]

@@ -16,7 +16,7 @@ Hugging Face's `BeamSearchScorer` with early_stopping=False:
 from __future__ import annotations
 
 import dataclasses
-from typing import Collection, Sequence
+from collections.abc import Collection, Sequence
 
 
 @dataclasses.dataclass

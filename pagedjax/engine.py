@@ -14,16 +14,15 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from typing import Iterable, Sequence as TypingSequence
+from collections.abc import Sequence as TypingSequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pagedjax import beam_search, checkpoint
+from pagedjax import beam_search, checkpoint, sampler
 from pagedjax import kv_cache as kvc
-from pagedjax import sampler
 from pagedjax.block_manager import BlockManager
 from pagedjax.model import ModelConfig
 from pagedjax.outputs import CompletionOutput, RequestOutput

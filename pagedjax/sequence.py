@@ -56,7 +56,7 @@ class Sequence:
   def is_finished(self) -> bool:
     return self.status is SequenceStatus.FINISHED
 
-  def fork(self, *, sample_index: int) -> "Sequence":
+  def fork(self, *, sample_index: int) -> Sequence:
     """A new sequence with this one's tokens so far (its blocks are forked by the caller)."""
     child = Sequence(self.prompt_token_ids, request_id=self.request_id, sample_index=sample_index)
     child.output_token_ids = list(self.output_token_ids)

@@ -27,7 +27,7 @@ def _make(num_blocks=8, block_size=4, host=8, mode="recompute", max_num_seqs=4, 
 
 
 def test_admission_is_fcfs_within_limits():
-  bm, s = _make(num_blocks=8, block_size=4, max_num_seqs=2)
+  _, s = _make(num_blocks=8, block_size=4, max_num_seqs=2)
   groups = [_group(i, 5) for i in range(3)]
   for g in groups:
     s.add(g)
