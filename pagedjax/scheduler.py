@@ -161,15 +161,18 @@ class Scheduler:
     out = SchedulerOutput(False, [], [], [])
     queue = list(self.running)
     kept: list[SequenceGroup] = []
+    reserved = 0  # blocks the groups kept so far will take when they append below
     while queue:
       group = queue.pop(0)
-      while self._blocks_to_append(group) > self.bm.num_free_blocks:
+      need = self._blocks_to_append(group)
+      while reserved + need > self.bm.num_free_blocks:
         victim = queue.pop() if queue else group
         self._preempt(victim, out)
         if victim is group:
           break
       else:
         kept.append(group)
+        reserved += need
     self.running = kept
     if out.num_preempted == 0:
       self._schedule_swap_in(out)

@@ -100,3 +100,19 @@ def test_bad_settings_raise():
     Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=8, preemption_mode="drop")
   with pytest.raises(ValueError, match="max_num_seqs"):
     Scheduler(bm, max_num_seqs=0, max_num_batched_tokens=8)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_many_sequences_crossing_a_block_boundary_together(mode):
+  # 6 sequences of 4 tokens hold 6 of 8 blocks; the next token needs a new block for
+  # each of them at once. Blocks promised to earlier groups must count: preempting
+  # r5 and r4 frees 2 blocks, so exactly r0..r3 continue and no append fails.
+  bm, s = _make(num_blocks=8, block_size=4, host=32, mode=mode, max_num_seqs=8)
+  for i in range(6):
+    s.add(_group(i, 4))
+  _run_step(s)
+  out = _run_step(s)
+  assert [q.request_id for q in out.seqs] == ["r0", "r1", "r2", "r3"]
+  assert out.num_preempted == 2 and bm.num_free_blocks == 0
+  for _ in range(30):  # keeps going under pressure without a failed append
+    _run_step(s)
