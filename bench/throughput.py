@@ -1,0 +1,580 @@
+"""Serving throughput at one fixed KV budget: paged engine vs contiguous static batching.
+
+What it measures, in one process on one seeded "sharegpt-like" trace (bench/workloads.py,
+lengths scaled to the model's context; all requests arrive at t=0, greedy, ignore_eos,
+per-request max_tokens from the trace, so every system does the same useful work):
+  (a) `pagedjax.LLM`: paged KV (num_blocks x block_size slots), continuous batching;
+  (b) `bench.contiguous_baseline.ContiguousServer` with the same KV slots, reserving the
+      model's context per sequence ("max-context", the headline baseline) and, as a
+      stronger reference, prompt + max_tokens per batch ("oracle").
+Reported per system: requests/s, output tokens/s, mean KV utilisation (stored tokens /
+reserved slots, and / the whole budget, averaged over decode steps), compilations, and
+the ratio (a)/(b). Compilation is warmed up before timing: the engine by serving the
+identical trace once on a throw-away engine (compiled programs are shared per process),
+the baseline by running every (batch, shape) it will use once; the warm-up wall time is
+reported separately as "warmup_s" and compiles during the timed run are counted.
+
+It also measures this machine's float32 matmul rate and the model FLOP/s the engine
+reaches in steady-state decode (a full batch of long requests, decode steps only):
+  flops per decode step = sum over rows of (2 * matmul_params + 4 * L * H * D * ctx),
+where matmul_params counts every weight used in a matmul (projections, MLP and the tied
+output embedding; not the embedding lookup or norms) and ctx is the row's attended
+length (query included); padded rows and masked attention are not counted. The step is
+then split with `time.perf_counter` into host scheduling, host plan building, the device
+step (synchronised) and the rest (device_get + token bookkeeping), and the device step's
+parts (matmuls, paged attention, KV write, sampling) are timed alone at the same shapes.
+
+  python -m bench.throughput [--quick]  ->  tables + bench/results/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+import pagedjax.engine as engine_lib
+from bench.contiguous_baseline import ContiguousServer
+from bench.workloads import make_trace
+from pagedjax import LLM, SamplingParams, checkpoint, sampler
+from pagedjax.attention import paged_decode_attention
+from pagedjax.kv_cache import write_kv_layer
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "throughput.json"
+GOAL_RATIO = 3.0
+GOAL_ROOFLINE = 0.5
+BLOCK_SIZE = 16
+
+
+def _median_time(fn, *args, reps: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile + warm
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def machine_info() -> dict:
+  return {
+    "platform": platform.platform(),
+    "processor": platform.processor(),
+    "python": sys.version.split()[0],
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "cpu_count": os.cpu_count(),
+    "load_average_start": list(os.getloadavg()),
+  }
+
+
+def matmul_rate(reps: int) -> dict:
+  """Median float32 GFLOP/s of jitted [m, k] x [k, n] products on this machine."""
+  out = {}
+  for m, k, n in ((256, 256, 704), (64, 256, 704), (1024, 1024, 1024)):
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), jnp.float32)
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.float32)
+    t = _median_time(jax.jit(jnp.matmul), a, b, reps=reps)
+    out[f"{m}x{k}x{n}"] = {"median_s": t, "gflops": 2 * m * k * n / t / 1e9}
+  return out
+
+
+def model_flops(cfg) -> dict:
+  """Per-token matmul parameter count and attention flops per attended position."""
+  attn = cfg.dim * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+  attn += cfg.num_heads * cfg.head_dim * cfg.dim
+  mlp = 3 * cfg.dim * cfg.hidden_dim
+  matmul_params = cfg.num_layers * (attn + mlp) + cfg.dim * cfg.vocab_size  # + output head
+  return {
+    "matmul_params": matmul_params,
+    "flops_per_token": 2 * matmul_params,
+    "attention_flops_per_position": 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim,
+  }
+
+
+# ------------------------------------------------------------------------- serving
+
+
+def _engine(num_blocks: int, max_num_seqs: int) -> LLM:
+  return LLM(
+    num_blocks=num_blocks,
+    block_size=BLOCK_SIZE,
+    max_num_seqs=max_num_seqs,
+    preemption_mode="recompute",
+    attention_impl="xla",
+  )
+
+
+def run_engine(
+  trace, *, num_blocks: int, max_num_seqs: int, warmup: bool
+) -> tuple[dict, list[list[int]]]:
+  """Serves the trace on the paged engine, after an identical warm-up run if asked."""
+  params = [
+    SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in trace.output_lens
+  ]
+  start = time.perf_counter()
+  if warmup:
+    _engine(num_blocks, max_num_seqs).generate(trace.prompts, params)
+  warmup_s = time.perf_counter() - start
+  llm = _engine(num_blocks, max_num_seqs)
+  traces_before = engine_lib._TRACES["step"]
+  busy = 0.0
+  used = reserved = budget = 0
+  outputs: dict[str, list[int]] = {}
+  start = time.perf_counter()
+  ids = [llm.add_request(None, p, sp) for p, sp in zip(trace.prompts, params)]
+  busy += time.perf_counter() - start
+  with tqdm(total=len(ids), desc="engine", leave=False) as bar:
+    while llm.has_unfinished_requests():
+      start = time.perf_counter()
+      outs = llm.step()
+      busy += time.perf_counter() - start
+      # Utilisation sampled outside the timed region (stats() walks every block table).
+      st = llm.bm.stats()
+      used += st.tokens_stored
+      reserved += st.used_device_blocks * BLOCK_SIZE
+      budget += num_blocks * BLOCK_SIZE
+      for o in outs:
+        if o.finished:
+          outputs[o.request_id] = o.outputs[0].token_ids
+          bar.update(1)
+  stats = llm.memory_stats()
+  tokens = [outputs[i] for i in ids]
+  return {
+    "time_s": busy,
+    "warmup_s": warmup_s,
+    "num_steps": stats["num_steps"],
+    "num_prefill_steps": stats["num_prefill_steps"],
+    "num_preemptions": stats["num_preemptions"],
+    "peak_used_blocks": stats["peak_used_blocks"],
+    "num_compilations": stats["num_compilations"],
+    "compiles_during_timed_run": engine_lib._TRACES["step"] - traces_before,
+    "kv_util_of_reserved": used / max(reserved, 1),
+    "kv_util_of_budget": used / max(budget, 1),
+  }, tokens
+
+
+def run_baseline(module, trace, *, budget_tokens: int, reserve: str, num_valid: int, warmup: bool):
+  """Serves the trace on the contiguous static-batching baseline, warming its shapes if asked."""
+  srv = ContiguousServer(
+    module, budget_tokens=budget_tokens, reserve=reserve, num_valid_tokens=num_valid
+  )
+  start = time.perf_counter()
+  if warmup:
+    srv.warmup(trace.prompt_lens, trace.output_lens)
+  warmup_s = time.perf_counter() - start
+  compiles = srv.num_compilations
+  srv.stats = type(srv.stats)()
+  start = time.perf_counter()
+  with tqdm(total=len(trace.prompts), desc=f"contiguous/{reserve}", leave=False) as bar:
+    tokens = srv.generate(trace.prompts, trace.output_lens, pbar=bar)
+  elapsed = time.perf_counter() - start
+  st = srv.stats
+  batches = srv.plan_batches(trace.prompt_lens, trace.output_lens)
+  return {
+    "time_s": elapsed,
+    "warmup_s": warmup_s,
+    "num_steps": st.num_steps,
+    "num_batches": st.num_batches,
+    "max_batch_size": max(len(idx) for idx, _ in batches),
+    "num_compilations": srv.num_compilations,
+    "compiles_during_timed_run": srv.num_compilations - compiles,
+    "kv_util_of_reserved": st.used_token_steps / max(st.reserved_token_steps, 1),
+    "kv_util_of_budget": st.used_token_steps / max(st.budget_token_steps, 1),
+  }, tokens
+
+
+def _rates(r: dict, trace) -> dict:
+  r["requests_per_s"] = len(trace.prompts) / r["time_s"]
+  r["output_tokens_per_s"] = sum(trace.output_lens) / r["time_s"]
+  return r
+
+
+# ------------------------------------------------------------------ steady decode
+
+
+@contextlib.contextmanager
+def _timing(acc: dict, targets: list[tuple[object, str, bool]]):
+  """Temporarily wraps obj.name to add its wall time to acc[name] (synchronised if asked)."""
+  saved = []
+  for obj, name, sync in targets:
+    orig = getattr(obj, name)
+
+    def timed(*args, _orig=orig, _name=name, _sync=sync, **kwargs):
+      start = time.perf_counter()
+      out = _orig(*args, **kwargs)
+      if _sync:
+        jax.block_until_ready(out)
+      acc[_name] = acc.get(_name, 0.0) + time.perf_counter() - start
+      return out
+
+    saved.append((obj, name, orig))
+    setattr(obj, name, timed)
+  try:
+    yield
+  finally:
+    for obj, name, orig in reversed(saved):
+      setattr(obj, name, orig)
+
+
+def _decode_flops(plan: dict, fl: dict) -> float:
+  rows = plan["query_lens"] > 0
+  ctx = plan["context_lens"][rows] + 1  # attended positions, the new token included
+  return float(rows.sum() * fl["flops_per_token"] + fl["attention_flops_per_position"] * ctx.sum())
+
+
+def _component_times(llm: LLM, plan: dict, samp: dict, reps: int) -> dict:
+  """Device time of one decode step and of its parts, each jitted alone at the same shapes."""
+  cfg = llm.model_config
+  params, graphdef = llm._params, llm._graphdef
+  b = plan["tokens"].shape[0]
+  kv = [llm.kv]
+
+  def full(p, s):  # chains the donated cache through the repeats
+    kv[0], out = engine_lib._step(
+      params,
+      kv[0],
+      p,
+      s,
+      graphdef=graphdef,
+      impl=llm.attention_impl,
+      vocab_size=llm.tokenizer.vocab_size,
+    )
+    return out
+
+  @jax.jit
+  def matmuls(params, x, positions):
+    model = nnx.merge(graphdef, params)
+    for layer in model.layers:
+      q, k, v = layer.attn.qkv(layer.attn_norm(x), positions)
+      x = x + layer.attn.out(q) + (k.sum() + v.sum())  # keep k/v projections live
+      x = x + layer.mlp(layer.mlp_norm(x))
+    return model.logits(x)
+
+  sm_scale = cfg.head_dim**-0.5
+
+  @jax.jit
+  def attention(q, k_pages, v_pages, tables, lengths):
+    return sum(
+      paged_decode_attention(
+        q, k_pages, v_pages, tables, lengths, sm_scale=sm_scale, impl=llm.attention_impl, layer=i
+      )
+      for i in range(cfg.num_layers)
+    )
+
+  @jax.jit
+  def sample(logits, s):
+    keys = sampler.row_keys(s["seeds"], s["sample_indices"], s["out_positions"])
+    return sampler.sample(
+      logits[s["row_index"]],
+      temperature=s["temperature"],
+      top_k=s["top_k"],
+      top_p=s["top_p"],
+      keys=keys,
+      banned_ids=s["banned_ids"],
+      vocab_size=llm.tokenizer.vocab_size,
+      num_top_logprobs=engine_lib._NUM_TOP_LOGPROBS,
+    )
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def write_layers(k_pages, v_pages, kv_new, slots):
+    for i in range(cfg.num_layers):
+      k_pages, v_pages = write_kv_layer(k_pages, v_pages, i, kv_new, kv_new, slots)
+    return k_pages, v_pages
+
+  def write(kv_new, slots):  # chains the donated pages through the repeats
+    pages[:] = write_layers(*pages, kv_new, slots)
+    return pages[0]
+
+  x = jnp.zeros((b, 1, cfg.dim), llm.dtype)
+  q = jnp.ones((b, cfg.num_heads, cfg.head_dim), llm.dtype)
+  kv_new = jnp.zeros((b, cfg.num_kv_heads, cfg.head_dim), llm.dtype)
+  lengths = jnp.asarray(plan["context_lens"] + plan["query_lens"])
+  logits = jnp.zeros((b, cfg.vocab_size), jnp.float32)
+  out = {"full_step": _median_time(full, plan, samp, reps=reps)}
+  pages = [kv[0].k_pages, kv[0].v_pages]
+  out["matmuls"] = _median_time(matmuls, params, x, jnp.asarray(plan["positions"]), reps=reps)
+  out["paged_attention"] = _median_time(
+    attention, q, *pages, jnp.asarray(plan["block_tables"]), lengths, reps=reps
+  )
+  out["kv_write"] = _median_time(
+    write, kv_new, jnp.asarray(plan["slot_mapping"].reshape(-1)), reps=reps
+  )
+  out["sampling"] = _median_time(sample, logits, samp, reps=reps)
+  return out
+
+
+def steady_decode(
+  cfg, *, batch: int, decode_steps: int, seed: int, reps: int, warmup: bool
+) -> dict:
+  """Model FLOP/s of full-batch decode steps, with a per-step time split and a device split."""
+  fl = model_flops(cfg)
+  trace = make_trace("sharegpt-like", batch, max_seq_len=cfg.max_seq_len - decode_steps, seed=seed)
+  params = SamplingParams(max_tokens=decode_steps, temperature=0.0, ignore_eos=True)
+  num_blocks = batch * -(-cfg.max_seq_len // BLOCK_SIZE)  # everyone fits: no preemption
+  if warmup:
+    _engine(num_blocks, batch).generate(trace.prompts, params)  # compile
+  result = {"batch": batch, "decode_steps": decode_steps, "num_blocks": num_blocks}
+  original = engine_lib._step
+  captured: dict = {}  # the plan and sampling arrays of the latest step
+
+  def capture(params_, kv, plan, samp, **kw):
+    captured["plan"], captured["samp"] = plan, samp
+    return original(params_, kv, plan, samp, **kw)
+
+  for phase in ("plain", "split"):
+    llm = _engine(num_blocks, batch)
+    for p in trace.prompts:
+      llm.add_request(None, p, params)
+    acc: dict = {}
+    targets = [(engine_lib, "_step", phase == "split")]
+    if phase == "split":
+      targets += [(llm.scheduler, "schedule", False), (llm, "_build_plan", False)]
+    times, flops, contexts, splits = [], [], [], []
+    engine_lib._step = capture
+    try:
+      with _timing(acc, targets):
+        while llm.has_unfinished_requests():
+          acc.clear()
+          start = time.perf_counter()
+          llm.step()
+          dt = time.perf_counter() - start
+          plan = captured["plan"]
+          # Steady state: decode steps with every row of the batch live.
+          if plan["tokens"].shape[1] == 1 and (plan["query_lens"] > 0).sum() == batch:
+            times.append(dt)
+            flops.append(_decode_flops(plan, fl))
+            contexts.append(float((plan["context_lens"] + 1).mean()))
+            splits.append(dict(acc, total=dt))
+    finally:
+      engine_lib._step = original
+    if phase == "plain":
+      times = np.asarray(times)
+      result.update(
+        num_full_decode_steps=len(times),
+        median_step_s=float(np.median(times)),
+        tokens_per_s=float(batch / np.median(times)),
+        mean_context=float(np.mean(contexts)),
+        # Median of per-step rates: robust to a step that compiled or was preempted by load.
+        model_gflops=float(np.median(np.asarray(flops) / times) / 1e9),
+      )
+      continue
+    med = {k: float(np.median([s[k] for s in splits])) for k in splits[0]}
+    result["step_split_s"] = {
+      "scheduler": med["schedule"],
+      "build_plan": med["_build_plan"],
+      "device_step_synced": med["_step"],
+      "device_get_and_bookkeeping": med["total"]
+      - med["schedule"]
+      - med["_build_plan"]
+      - med["_step"],
+      "total": med["total"],
+    }
+    result["device_split_s"] = _component_times(llm, captured["plan"], captured["samp"], reps)
+  return result
+
+
+# -------------------------------------------------------------------------- report
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+  cells = [tuple(str(c) for c in r) for r in [header, *rows]]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--quick", action="store_true", help="tiny smoke run (tests)")
+  ap.add_argument("--num-requests", type=int, default=None)
+  ap.add_argument(
+    "--kv-blocks",
+    type=int,
+    default=None,
+    help="KV budget in blocks of 16 tokens, shared by both systems",
+  )
+  ap.add_argument("--max-num-seqs", type=int, default=None)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  args = ap.parse_args(argv)
+  q = args.quick
+  # --quick: a smoke run for tests, no warm-up (compile time lands in time_s; figures are
+  # meaningless at this size, only the plumbing is exercised).
+  num_requests = args.num_requests or (4 if q else 200)
+  kv_blocks = args.kv_blocks or (64 if q else 512)
+  max_num_seqs = args.max_num_seqs or (4 if q else 128)
+  budget_tokens = kv_blocks * BLOCK_SIZE
+  cfg, module, tok = checkpoint.load(None)
+  info = machine_info()
+  trace = make_trace("sharegpt-like", num_requests, max_seq_len=cfg.max_seq_len, seed=args.seed)
+  workload = trace.describe()
+  print(
+    f"workload: {workload['num_requests']} sharegpt-like requests, mean {workload['mean_input']:.1f}"
+    f" in / {workload['mean_output']:.1f} out; {workload['scale_note']}"
+  )
+  print(
+    f"KV budget: {kv_blocks} blocks x {BLOCK_SIZE} = {budget_tokens} token slots for every "
+    f"system; load average {info['load_average_start']}"
+  )
+
+  systems = {}
+  systems["engine"], engine_tokens = run_engine(
+    trace, num_blocks=kv_blocks, max_num_seqs=max_num_seqs, warmup=not q
+  )
+  base_tokens = {}
+  for reserve in ("max-context", "oracle"):
+    systems[f"contiguous/{reserve}"], base_tokens[reserve] = run_baseline(
+      module,
+      trace,
+      budget_tokens=budget_tokens,
+      reserve=reserve,
+      num_valid=tok.vocab_size,
+      warmup=not q,
+    )
+  for r in systems.values():
+    _rates(r, trace)
+  for name, r in systems.items():
+    toks = engine_tokens if name == "engine" else base_tokens[name.split("/")[1]]
+    assert [len(t) for t in toks] == trace.output_lens, f"{name} generated the wrong lengths"
+  eng = systems["engine"]
+  ratios = {
+    name: eng["output_tokens_per_s"] / r["output_tokens_per_s"]
+    for name, r in systems.items()
+    if name != "engine"
+  }
+  agree = float(np.mean([a == b for a, b in zip(engine_tokens, base_tokens["max-context"])]))
+
+  matmul = matmul_rate(reps=3 if q else 30)
+  roof = matmul["256x256x704"]["gflops"]
+  steady = steady_decode(
+    cfg,
+    batch=4 if q else 64,
+    decode_steps=6 if q else 64,
+    seed=args.seed + 1,
+    reps=3 if q else 20,
+    warmup=not q,
+  )
+  steady["fraction_of_matmul_rate"] = steady["model_gflops"] / roof
+  info["load_average_end"] = list(os.getloadavg())
+
+  print()
+  print(
+    _table(
+      [
+        (
+          name,
+          f"{r['requests_per_s']:.2f}",
+          f"{r['output_tokens_per_s']:.0f}",
+          f"{r['kv_util_of_reserved']:.1%}",
+          f"{r['kv_util_of_budget']:.1%}",
+          r["num_compilations"],
+          f"{r['time_s']:.1f}",
+          f"{r['warmup_s']:.1f}",
+          f"{eng['output_tokens_per_s'] / r['output_tokens_per_s']:.2f}x",
+        )
+        for name, r in systems.items()
+      ],
+      (
+        "system",
+        "req/s",
+        "out tok/s",
+        "KV util (reserved)",
+        "KV util (budget)",
+        "compiles",
+        "time s",
+        "warmup s",
+        "engine/this",
+      ),
+    )
+  )
+  split = steady["step_split_s"]
+  dev = steady["device_split_s"]
+  print()
+  print(
+    f"steady decode, batch {steady['batch']}, mean context {steady['mean_context']:.0f}: "
+    f"{steady['median_step_s'] * 1e3:.1f} ms/step, {steady['tokens_per_s']:.0f} tok/s, "
+    f"{steady['model_gflops']:.1f} GFLOP/s = {steady['fraction_of_matmul_rate']:.1%} of the "
+    f"measured {roof:.1f} GFLOP/s [256x256]x[256x704] matmul rate "
+    f"(goal {GOAL_ROOFLINE:.0%})"
+  )
+  print(
+    _table(
+      [(k, f"{v * 1e3:.2f}", f"{v / split['total']:.0%}") for k, v in split.items()],
+      ("step part (host view)", "ms", "share"),
+    )
+  )
+  print(
+    _table(
+      [(k, f"{v * 1e3:.2f}", f"{v / dev['full_step']:.0%}") for k, v in dev.items()],
+      ("device part (alone)", "ms", "of full step"),
+    )
+  )
+
+  notes = [
+    (
+      "Timed runs follow a warm-up (engine: identical trace on a throw-away engine; baseline: "
+      "every shape once); compile time is in warmup_s, not in time_s."
+    ),
+    "Engine time_s = add_request + step() calls; KV stats sampled between steps, untimed.",
+    "All requests arrive at t=0; greedy; ignore_eos; max_tokens = the trace's output length.",
+    "KV util = stored tokens / reserved slots (or / whole budget), mean over steps.",
+    (
+      f"Roofline: model FLOPs / step time vs the median jitted f32 [256x256]x[256x704] matmul "
+      f"rate; FLOPs = sum_rows 2*{model_flops(cfg)['matmul_params']} + "
+      f"{model_flops(cfg)['attention_flops_per_position']}*ctx."
+    ),
+    (
+      f"Load average start {info['load_average_start']}, end {info['load_average_end']} "
+      "(shared machine; compare figures within one run only)."
+    ),
+  ]
+  doc = {
+    "benchmark": "throughput",
+    "command": "python -m bench.throughput" + (" --quick" if q else ""),
+    "inputs": {
+      "num_requests": num_requests,
+      "kv_blocks": kv_blocks,
+      "block_size": BLOCK_SIZE,
+      "budget_tokens": budget_tokens,
+      "max_num_seqs": max_num_seqs,
+      "attention_impl": "xla",
+      "preemption_mode": "recompute",
+      "seed": args.seed,
+      "quick": q,
+    },
+    "seed": args.seed,
+    "machine": info,
+    "workload": workload,
+    "model": {**cfg.to_dict(), **model_flops(cfg)},
+    "systems": systems,
+    "ratio_engine_over": ratios,
+    "goal_ratio": GOAL_RATIO,
+    "greedy_agreement_engine_vs_contiguous": agree,
+    "matmul_rate": matmul,
+    "steady_decode": steady,
+    "goal_fraction_of_matmul_rate": GOAL_ROOFLINE,
+    "notes": notes,
+  }
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps(doc, indent=2) + "\n")
+  print(f"\nwrote {args.out}")
+  return doc
+
+
+if __name__ == "__main__":
+  main()
