@@ -6,7 +6,7 @@ and themselves (their K/V must already be written into the pages).
 
 Implementations (`impl=`):
 
-* "xla" (the CPU default): pure jnp/lax. A `lax.scan` over chunks of block-table
+* "xla" (the CPU default): pure jnp/lax. A loop over chunks of block-table
   columns; each step gathers the chunk's pages of every (kv head, sequence) with one
   row gather from the pool viewed as `[num_kv_heads * num_blocks, block_size * head_dim]`
   and folds them into an online softmax in float32. Decode is prefill with one query
@@ -262,9 +262,10 @@ def _attention_xla(
   qg = qg.astype(jnp.float32)
   q_pos_g = jnp.tile(q_pos, (1, g))[None]  # [1, B, G*T] same order as qg rows
 
-  def step(carry, xs):
+  def step(i, carry):
     m, l, acc = carry  # [Hkv, B, G*T], [Hkv, B, G*T], [Hkv, B, G*T, D]
-    rows_c, first = xs
+    rows_c = lax.dynamic_index_in_dim(rows, i, keepdims=False)  # [Hkv, B, c]
+    first = i * (c * bs)
     # float32 chunks: XLA:CPU upcasts bfloat16 dot operands anyway; doing it here on a
     # small chunk avoids a full-size convert.
     k = _gather_f32(k_rows, rows_c).reshape(hkv, b, c * bs, d)  # [Hkv, B, c*bs, D]
@@ -281,15 +282,18 @@ def _attention_xla(
     seen = kv_pos[None, :] <= q_pos.max(1)[:, None]  # [B, c*bs]
     v = jnp.where(seen[None, :, :, None], v, 0)
     pv = jnp.einsum("hbqk,hbkd->hbqd", prob, v)
-    return (m_new, l * corr + prob.sum(-1), acc * corr[..., None] + pv), None
+    return m_new, l * corr + prob.sum(-1), acc * corr[..., None] + pv
 
   init = (
     jnp.full((hkv, b, g * t), -jnp.inf, jnp.float32),
     jnp.zeros((hkv, b, g * t), jnp.float32),
     jnp.zeros((hkv, b, g * t, d), jnp.float32),
   )
-  firsts = jnp.arange(steps, dtype=jnp.int32) * (c * bs)
-  (_, l, acc), _ = lax.scan(step, init, (rows, firsts))
+  # Only the chunks some query can see: the trip count follows the batch's longest
+  # context, not the block-table width (padded to the model's whole context), so a
+  # batch of short sequences reads a few chunks instead of all of them.
+  num_steps = jnp.clip((jnp.max(q_pos) + c * bs) // (c * bs), 0, steps)
+  _, l, acc = lax.fori_loop(0, num_steps, step, init)
   out = acc / jnp.where(l == 0, 1.0, l)[..., None]  # [Hkv, B, G*T, D]; l == 0 -> zeros
   out = out.reshape(hkv, b, g, t, d).transpose(1, 3, 0, 2, 4)  # [B, T, Hkv, G, D]
   return out.reshape(b, t, h, d).astype(q.dtype)

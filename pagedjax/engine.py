@@ -294,6 +294,10 @@ class LLM:
 
   def step(self) -> list[RequestOutput]:
     """Runs one engine step; returns the outputs of the requests it advanced."""
+    return [self._request_output(g) for g in self._step()]
+
+  def _step(self) -> list[SequenceGroup]:
+    """One engine step; returns the groups it advanced (finished ones are dropped)."""
     start = time.perf_counter()
     so = self.scheduler.schedule()
     self._apply_swaps(so)
@@ -338,11 +342,10 @@ class LLM:
     if so.is_prefill:
       st["num_prefill_tokens"] += sum(len(q) for q in so.query_token_ids)
     st["step_time_s"] += time.perf_counter() - start
-    results = [self._request_output(g) for g in touched.values()]
     for g in touched.values():
       if g.is_finished:
         del self._groups[g.request_id]
-    return results
+    return list(touched.values())
 
   def _fork(self, group: SequenceGroup, parent: Sequence, *, sample_index: int) -> Sequence:
     """A new running sequence sharing every block of `parent` (copy-on-write later)."""
@@ -397,27 +400,32 @@ class LLM:
     p = group.params
     tok = seq.output_token_ids[-1]
     num_out = len(seq.output_token_ids)
-    text = self.tokenizer.decode(seq.output_token_ids)
     reason, stop_reason = None, None
     if num_out >= p.min_tokens:
       if tok in self.tokenizer.eos_token_ids and not p.ignore_eos:
         reason = "stop"
       elif tok in p.stop_token_ids:
         reason, stop_reason = "stop", tok
-      else:
-        # Search only where a new match can start: the tail added by this token.
-        tail_from = max(0, len(seq.output_text) - max((len(s) for s in p.stop), default=0))
+      elif p.stop:
+        # Detokenize only for requests with stop strings; search where a new match can
+        # start (the text this token added, plus the longest stop string before it).
+        text = self.tokenizer.decode(seq.output_token_ids)
+        tail_from = max(0, seq.num_text_chars - max(len(s) for s in p.stop))
+        seq.num_text_chars = len(text)
         for s in p.stop:
           at = text.find(s, tail_from)
           if at >= 0:
-            reason, stop_reason, text = "stop", s, text[:at]
+            reason, stop_reason, seq.output_text = "stop", s, text[:at]
             break
     if reason is None and (num_out >= p.max_tokens or seq.num_tokens >= self.max_seq_len):
       reason = "length"
-    seq.output_text = text
     if reason is not None:
       seq.status = SequenceStatus.FINISHED
       seq.finish_reason, seq.stop_reason = reason, stop_reason
+
+  def _text(self, seq: Sequence) -> str:
+    # output_text is set only when a stop string cut the text.
+    return self.tokenizer.decode(seq.output_token_ids) if seq.output_text is None else seq.output_text
 
   def _request_output(self, group: SequenceGroup) -> RequestOutput:
     if group.params.use_beam_search:
@@ -434,7 +442,7 @@ class LLM:
                                finish_reason=h.finish_reason) for i, h in enumerate(hyps)]
       return RequestOutput(group.request_id, group.prompt, list(group.prompt_token_ids), outs,
                            group.is_finished)
-    outs = [CompletionOutput(index=i, text=s.output_text, token_ids=list(s.output_token_ids),
+    outs = [CompletionOutput(index=i, text=self._text(s), token_ids=list(s.output_token_ids),
                              cumulative_logprob=s.cumulative_logprob,
                              logprobs=list(s.output_logprobs) if group.params.logprobs is not None
                              else None,
@@ -483,9 +491,9 @@ class LLM:
       bar = tqdm(total=len(ids), desc="requests")
     wanted = set(ids)
     while wanted - final.keys():
-      for out in self.step():
-        if out.finished and out.request_id in wanted:
-          final[out.request_id] = out
+      for group in self._step():  # outputs are built only for finished requests
+        if group.is_finished and group.request_id in wanted:
+          final[group.request_id] = self._request_output(group)
           if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -46,7 +46,7 @@ def sample(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
     top_ids [R, num_top_logprobs] int32, top_logprobs [R, num_top_logprobs] f32.
   """
   logits = logits.astype(jnp.float32)
-  num_rows, v = logits.shape
+  _, v = logits.shape
   ids = jnp.arange(v, dtype=jnp.int32)
   allowed = ids[None, :] < vocab_size
   banned = (banned_ids[:, :, None] == ids[None, None, :]).any(axis=1)  # [R, V]
@@ -55,20 +55,25 @@ def sample(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
   logprobs = jax.nn.log_softmax(logits, axis=-1)
 
   greedy = temperature < 1e-5
-  scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
-  # top-k and top-p on the sorted row (descending); thresholds mapped back by value.
-  sorted_logits = -jnp.sort(-scaled, axis=-1)  # [R, V]
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-  kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)  # [R, 1]
-  sorted_probs = jax.nn.softmax(jnp.where(sorted_logits >= kth, sorted_logits, _NEG_INF), axis=-1)
-  # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-  mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-  keep_sorted = (mass_before < top_p[:, None]) & (sorted_logits >= kth)
-  cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-  filtered = jnp.where(scaled >= cutoff, scaled, _NEG_INF)
-  drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-  tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+  argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def draw():
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    # top-k and top-p on the sorted row (descending); thresholds mapped back by value.
+    sorted_logits = -jnp.sort(-scaled, axis=-1)  # [R, V]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)  # [R, 1]
+    sorted_probs = jax.nn.softmax(jnp.where(sorted_logits >= kth, sorted_logits, _NEG_INF), -1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep_sorted = (mass_before < top_p[:, None]) & (sorted_logits >= kth)
+    cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    filtered = jnp.where(scaled >= cutoff, scaled, _NEG_INF)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    return jnp.where(greedy, argmax, drawn)
+
+  # An all-greedy batch (common in serving benchmarks) skips the sort and the draws.
+  tokens = jax.lax.cond(jnp.all(greedy), lambda: argmax, draw)
   token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
   top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top_logprobs)
-  del num_rows
   return tokens, token_logprobs, top_ids.astype(jnp.int32), top_logprobs

@@ -37,8 +37,11 @@ class Sequence:
     self.status = SequenceStatus.WAITING
     self.finish_reason: str | None = None
     self.stop_reason: str | int | None = None
-    # Text already returned to the caller (stop strings are cut from it).
-    self.output_text = ""
+    # Set only when a stop string ends the sequence: the text before it. Otherwise the
+    # text is the detokenized output, computed when an output is built.
+    self.output_text: str | None = None
+    # Characters of detokenized text seen by the last stop-string check.
+    self.num_text_chars = 0
 
   @property
   def num_tokens(self) -> int:
@@ -63,6 +66,7 @@ class Sequence:
     child.output_logprobs = list(self.output_logprobs)
     child.cumulative_logprob = self.cumulative_logprob
     child.output_text = self.output_text
+    child.num_text_chars = self.num_text_chars
     child.status = self.status
     return child
 
