@@ -58,7 +58,8 @@ class Scheduler:
   """Continuous batching with preemption over a `BlockManager`."""
 
   def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
-               max_num_batched_tokens: int, preemption_mode: str = "recompute"):
+               max_num_batched_tokens: int, preemption_mode: str = "recompute",
+               watermark: float = 0.01):
     if preemption_mode not in PREEMPTION_MODES:
       raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
     if max_num_seqs < 1:
@@ -69,6 +70,10 @@ class Scheduler:
     self.max_num_seqs = max_num_seqs
     self.max_num_batched_tokens = max_num_batched_tokens
     self.preemption_mode = preemption_mode
+    if not 0 <= watermark < 1:
+      raise ValueError(f"watermark must be in [0, 1), got {watermark}")
+    # Blocks kept free when admitting prompts next to running sequences.
+    self.watermark_blocks = int(watermark * block_manager.num_blocks)
     # Each queue is kept sorted by arrival: index 0 has the highest priority.
     self.waiting: list[SequenceGroup] = []
     self.running: list[SequenceGroup] = []
@@ -135,9 +140,13 @@ class Scheduler:
     admitted = []
     for group in self.waiting:
       rows, group_tokens, blocks = self._group_token_cost(group)
+      # Keep a watermark of free blocks while others run, so admitting a prompt does not
+      # force a preemption on the very next decode step (vLLM does the same). An empty
+      # engine admits regardless, so a request that fits the cache always makes progress.
+      reserve = self.watermark_blocks if num_running else 0
       if (num_running + rows > self.max_num_seqs
           or tokens + group_tokens > self.max_num_batched_tokens
-          or blocks > free_blocks):
+          or blocks > free_blocks - reserve):
         break  # FCFS: never let a later request overtake the head of the queue
       num_running += rows
       tokens += group_tokens
