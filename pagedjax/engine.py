@@ -364,19 +364,21 @@ class LLM:
                                        [top_lps[r] for _, r in rows], beam_width=p.beam_width,
                                        eos_ids=eos, length_penalty=p.length_penalty)
     group.hypotheses += finished
-    # Forks copy the parent's host tokens before any parent appends its own new token.
-    targets, used = [], set()
-    for b, tok, lp in nxt:
-      parent = seqs[b]
-      if parent.seq_id in used:
-        targets.append((self._fork(group, parent, sample_index=0), tok, lp))
-      else:
-        used.add(parent.seq_id)
-        targets.append((parent, tok, lp))
+    # Dropped beams give their blocks (or references) back before the forks take theirs.
+    used = {seqs[b].seq_id for b, _, _ in nxt}
     for seq in seqs:
-      if seq.seq_id not in used:  # a dropped beam: its blocks (or its references) go back
+      if seq.seq_id not in used:
         self.scheduler.finish_seq(seq)
         group.seqs.remove(seq)
+    # Forks copy the parent's host tokens before any parent appends its own new token.
+    targets, kept = [], set()
+    for b, tok, lp in nxt:
+      parent = seqs[b]
+      if parent.seq_id in kept:
+        targets.append((self._fork(group, parent, sample_index=0), tok, lp))
+      else:
+        kept.add(parent.seq_id)
+        targets.append((parent, tok, lp))
     running = []
     for seq, tok, lp in targets:
       seq.append_token(tok, lp)

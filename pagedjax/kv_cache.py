@@ -115,7 +115,12 @@ def init_kv_cache(
   dtype = jnp.dtype(dtype)
   if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
     raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
-  return KVCache(k_pages=jnp.zeros(shape, dtype), v_pages=jnp.zeros(shape, dtype))
+  # Committed to the default device: the arrays that come back from the swap entries
+  # are committed, and jit keys its compiled programs on commitment, so an uncommitted
+  # initial cache would compile every step program a second time after the first swap.
+  device = jax.devices()[0]
+  zeros = lambda: jax.device_put(jnp.zeros(shape, dtype), device)  # noqa: E731
+  return KVCache(k_pages=zeros(), v_pages=zeros())
 
 
 # ----------------------------------------------------------------------------------
