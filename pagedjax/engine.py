@@ -36,6 +36,13 @@ _NUM_TOP_LOGPROBS = 16   # (id, logprob) pairs returned per row each step: beam_
 _MIN_PREFILL_BUCKET = 16
 
 
+_POOL_GRANULE = 64       # device / host page arrays are padded to a multiple of this
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
 def _bucket(n: int, cap: int, minimum: int = 1) -> int:
   """Smallest power of two >= n (at least `minimum`), capped at `cap`."""
   b = max(minimum, 1 << max(0, (n - 1).bit_length()))
@@ -124,10 +131,14 @@ class LLM:
     self.scheduler = Scheduler(self.bm, max_num_seqs=max_num_seqs,
                                max_num_batched_tokens=max_num_batched_tokens,
                                preemption_mode=preemption_mode)
+    # The page arrays are padded to a multiple of _POOL_GRANULE blocks; the manager only
+    # hands out the first num_blocks. Engines of nearby sizes then share every compiled
+    # step program (the pool's shape is part of each program), at a cost of < 64 blocks.
     self.kv = kvc.init_kv_cache(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
-                                num_blocks=num_blocks, block_size=block_size,
-                                head_dim=cfg.head_dim, dtype=self.dtype)
-    self.host_pool = kvc.init_host_pool(self.kv, num_host_blocks) if num_host_blocks else None
+                                num_blocks=_round_up(num_blocks, _POOL_GRANULE),
+                                block_size=block_size, head_dim=cfg.head_dim, dtype=self.dtype)
+    self.host_pool = (kvc.init_host_pool(self.kv, _round_up(num_host_blocks, _POOL_GRANULE))
+                      if num_host_blocks else None)
     graphdef, params = nnx.split(module)
     self._params = jax.tree.map(lambda x: x.astype(self.dtype) if x.dtype == jnp.float32 else x,
                                 params)

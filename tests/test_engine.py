@@ -68,10 +68,10 @@ def test_preemption_does_not_change_outputs():
   params = [SamplingParams(max_tokens=40, temperature=0.8, seed=i, ignore_eos=True)
             for i in range(6)]
   prompts = [p[:40] for p in PROMPTS] + ["x"]
-  ample = LLM(num_blocks=128, block_size=8, max_num_seqs=8)
+  ample = LLM(num_blocks=256, block_size=16, max_num_seqs=8)
   ref = _tokens(ample.generate(prompts, params))
   for mode in ("recompute", "swap"):
-    tight = LLM(num_blocks=20, block_size=8, max_num_seqs=8, preemption_mode=mode)
+    tight = LLM(num_blocks=10, block_size=16, max_num_seqs=8, preemption_mode=mode)
     assert _tokens(tight.generate(prompts, params)) == ref, mode
     stats = tight.memory_stats()
     assert stats["num_preemptions"] > 0, stats

@@ -126,13 +126,13 @@ def _mixed_requests():
 @pytest.fixture(scope="session")
 def mixed_reference():
   prompts, params = _mixed_requests()
-  return _texts(LLM(num_blocks=256, block_size=8, max_num_seqs=16).generate(prompts, params))
+  return _texts(LLM(num_blocks=256, block_size=16, max_num_seqs=16).generate(prompts, params))
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_preemption_is_transparent_for_groups(mixed_reference, mode):
   prompts, params = _mixed_requests()
-  tight = LLM(num_blocks=44, block_size=8, max_num_seqs=16, preemption_mode=mode)
+  tight = LLM(num_blocks=22, block_size=16, max_num_seqs=16, preemption_mode=mode)
   assert _texts(tight.generate(prompts, params)) == mixed_reference
   s = tight.memory_stats()
   assert s["num_preemptions"] > 0
@@ -151,7 +151,7 @@ _request = st.tuples(
 
 @settings(max_examples=int(os.environ.get("PAGEDJAX_HYPOTHESIS_EXAMPLES", "3")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(requests=st.lists(_request, min_size=1, max_size=4), num_blocks=st.integers(22, 40),
+@given(requests=st.lists(_request, min_size=1, max_size=4), num_blocks=st.integers(8, 20),
        mode=st.sampled_from(["recompute", "swap"]), host=st.integers(0, 16))
 def test_random_mixes_are_preemption_transparent(requests, num_blocks, mode, host):
   prompts, params = [], []
@@ -163,8 +163,8 @@ def test_random_mixes_are_preemption_transparent(requests, num_blocks, mode, hos
     else:
       params.append(SamplingParams(n=3 if kind == "n" else 1, max_tokens=max_tokens, seed=seed,
                                    temperature=0.0 if kind == "greedy" else 0.8))
-  ref = _texts(LLM(num_blocks=256, block_size=8, max_num_seqs=16).generate(prompts, params))
-  tight = LLM(num_blocks=num_blocks, block_size=8, max_num_seqs=16, preemption_mode=mode,
+  ref = _texts(LLM(num_blocks=256, block_size=16, max_num_seqs=16).generate(prompts, params))
+  tight = LLM(num_blocks=num_blocks, block_size=16, max_num_seqs=16, preemption_mode=mode,
               num_host_blocks=host)
   assert _texts(tight.generate(prompts, params)) == ref
   s = tight.memory_stats()
