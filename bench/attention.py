@@ -11,18 +11,15 @@ bandwidth. On a GPU backend the Pallas kernel (impl="pallas") is timed as well.
 Timings on a shared machine are noisy: compare the ratios within one run (the JSON
 records the load average), not absolute times across runs.
 
-  python bench/attention.py            # full grid -> bench/results/attention.json
-  python bench/attention.py --quick    # small smoke run -> bench/results/tmp/
+  python -m bench.attention            # full grid -> bench/results/attention.json
+  python -m bench.attention --quick    # small smoke run -> bench/results/tmp/
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import pathlib
-import platform
 import time
 
 import jax
@@ -30,9 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from bench import common
 from pagedjax.attention import paged_decode_attention
-
-RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 def _contiguous_decode(q, k, v, lengths, *, sm_scale, layout):
@@ -86,40 +82,39 @@ def _time_all(fns: dict, runs: int) -> dict:
   return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="small smoke run")
-  parser.add_argument("--runs", type=int, default=None, help="timed calls per function")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument(
-    "--contexts",
-    type=int,
-    nargs="+",
-    default=None,
-    help="context lengths (default 1024 4096; --quick: 256)",
-  )
-  args = parser.parse_args()
-  shape = dict(batch=32, heads=8, kv_heads=8, head_dim=64, page_size=16)
-  contexts, runs = (1024, 4096), args.runs or 30
-  if args.quick:
-    shape["batch"], contexts, runs = 8, (256,), args.runs or 5
-  contexts = args.contexts or contexts
+def run(
+  quick: bool = False,
+  out_dir=None,
+  *,
+  runs: int | None = None,
+  seed: int = 0,
+  contexts: list[int] | None = None,
+) -> dict:
+  """Runs the benchmark; prints the table and writes attention.json.
+
+  Args:
+    quick: batch 8 at context 256, 5 runs: a smoke run.
+    out_dir: output folder (None: bench/results, or bench/results/tmp when quick).
+    runs: timed calls per function (None: 30, quick 5).
+    seed: data and page-permutation seed.
+    contexts: context lengths (None: 1024 and 4096, quick 256).
+
+  Returns:
+    The report written to JSON.
+  """
+  shape = {"batch": 32, "heads": 8, "kv_heads": 8, "head_dim": 64, "page_size": 16}
+  runs = runs or (5 if quick else 30)
+  if quick:
+    shape["batch"] = 8
+  contexts = contexts or ((256,) if quick else (1024, 4096))
   dtypes = ("float32", "bfloat16")
   impls = ["xla"] + (["pallas"] if jax.default_backend() == "gpu" else [])
-  info = dict(
-    backend=jax.default_backend(),
-    device=str(jax.devices()[0].device_kind),
-    jax=jax.__version__,
-    machine=platform.machine(),
-    processor=platform.processor(),
-    cpu_count=os.cpu_count(),
-    load_average_at_start=os.getloadavg(),
-  )
+  machine = common.machine_info()
 
   rows = []
   for context, dtype in tqdm([(c, d) for c in contexts for d in dtypes], desc="attention"):
     q, k_pages, v_pages, tables, lengths, layouts = _case(
-      args.seed, context=context, dtype=jnp.dtype(dtype), **shape
+      seed, context=context, dtype=jnp.dtype(dtype), **shape
     )
     scale = shape["head_dim"] ** -0.5
     fns = {}
@@ -131,7 +126,7 @@ def main():
         paged_decode_attention, q, k_pages, v_pages, tables, lengths, sm_scale=scale, impl=impl
       )
     want = np.asarray(fns["contiguous_bhsd"](), np.float32)
-    for name, f in fns.items():  # all agree before anything is timed
+    for f in fns.values():  # all agree before anything is timed
       np.testing.assert_allclose(np.asarray(f(), np.float32), want, atol=2e-2)
     secs = _time_all(fns, runs)
     del layouts, fns
@@ -141,56 +136,74 @@ def main():
       * context
       * shape["kv_heads"]
       * shape["head_dim"]
-      * (jnp.dtype(dtype).itemsize)
+      * jnp.dtype(dtype).itemsize
     )
     best = min((n for n in secs if n.startswith("contiguous")), key=secs.get)
-    row = dict(
-      context=context,
-      dtype=dtype,
-      kv_bytes=kv_bytes,
-      seconds=secs,
-      best_contiguous=best,
-      gbytes_per_s={n: kv_bytes / s / 1e9 for n, s in secs.items()},
-    )
+    row = {
+      "context": context,
+      "dtype": dtype,
+      "kv_bytes": kv_bytes,
+      "seconds": secs,
+      "best_contiguous": best,
+      "gbytes_per_s": {n: kv_bytes / s / 1e9 for n, s in secs.items()},
+    }
     row.update({f"ratio_{impl}": secs[f"paged_{impl}"] / secs[best] for impl in impls})
     rows.append(row)
 
   print(
-    f"\nbackend={info['backend']} batch={shape['batch']} heads={shape['heads']} "
+    f"\nbackend={machine.get('backend')} batch={shape['batch']} heads={shape['heads']} "
     f"kv_heads={shape['kv_heads']} head_dim={shape['head_dim']} "
-    f"page_size={shape['page_size']} runs={runs} load={info['load_average_at_start']}"
+    f"page_size={shape['page_size']} runs={runs} load={machine['load_avg_1m_5m_15m']}"
   )
-  print(
-    f"{'context':>7} {'dtype':>8} {'best contiguous':>22} {'paged xla':>12} {'ratio':>6} "
-    f"{'paged GB/s':>10}" + ("  pallas ms  ratio" if "pallas" in impls else "")
-  )
+  header = ["context", "dtype", "best contiguous", "ms", "GB/s", "paged xla ms", "ratio", "GB/s"]
+  if "pallas" in impls:
+    header += ["pallas ms", "ratio"]
+  table = []
   for r in rows:
     best, s = r["best_contiguous"], r["seconds"]
-    line = (
-      f"{r['context']:>7} {r['dtype']:>8} {best[11:]:>5} {s[best] * 1e3:9.2f} ms "
-      f"({r['gbytes_per_s'][best]:4.1f} GB/s) {s['paged_xla'] * 1e3:9.2f} ms "
-      f"{r['ratio_xla']:6.2f} {r['gbytes_per_s']['paged_xla']:10.2f}"
-    )
+    line = [r["context"], r["dtype"], best.removeprefix("contiguous_"), s[best] * 1e3]
+    line += [r["gbytes_per_s"][best], s["paged_xla"] * 1e3, r["ratio_xla"]]
+    line += [r["gbytes_per_s"]["paged_xla"]]
     if "pallas" in impls:
-      line += f"  {s['paged_pallas'] * 1e3:9.3f} {r['ratio_pallas']:6.2f}"
-    print(line)
-  out = RESULTS / ("tmp/attention_quick.json" if args.quick else "attention.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(
-    json.dumps(
-      dict(
-        shape=shape,
-        seed=args.seed,
-        runs=runs,
-        machine=info,
-        lengths="all sequences at full context",
-        block_tables="random permutation of the pool",
-        results=rows,
-      ),
-      indent=1,
-    )
+      line += [s["paged_pallas"] * 1e3, r["ratio_pallas"]]
+    table.append(line)
+  print(common.format_table(header, table))
+  report = {
+    "benchmark": "attention",
+    "command": "python -m bench.attention" + (" --quick" if quick else ""),
+    "shape": shape,
+    "seed": seed,
+    "runs": runs,
+    "quick": quick,
+    "machine": machine,
+    "lengths": "all sequences at full context",
+    "block_tables": "random permutation of the pool",
+    "headline": {
+      f"paged xla / best contiguous ({r['dtype']}, ctx {r['context']})": round(r["ratio_xla"], 2)
+      for r in rows
+    },
+    "results": rows,
+  }
+  path = common.write_json(common.results_dir(quick, out_dir) / "attention.json", report)
+  print(f"wrote {path}")
+  return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="small smoke run")
+  parser.add_argument("--runs", type=int, default=None, help="timed calls per function")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument(
+    "--contexts",
+    type=int,
+    nargs="+",
+    default=None,
+    help="context lengths (default 1024 4096; --quick: 256)",
   )
-  print(f"wrote {out}")
+  parser.add_argument("--out-dir", type=pathlib.Path, default=None)
+  args = parser.parse_args(argv)
+  return run(args.quick, args.out_dir, runs=args.runs, seed=args.seed, contexts=args.contexts)
 
 
 if __name__ == "__main__":

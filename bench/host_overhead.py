@@ -13,28 +13,26 @@ over steps or repeats). Goal (DESIGN.md): <= 2 us per sequence per step.
 Does not touch JAX or the device: host-side Python only, garbage collector on.
 
   python -m bench.host_overhead [--quick]  ->  table + bench/results/host_overhead.json
+                                            (--quick: bench/results/tmp/)
 """
 
 import argparse
-import json
-import os
 import pathlib
-import platform
 import statistics
-import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
+from bench import common
 from pagedjax.block_manager import BlockManager
 
-RESULTS = pathlib.Path(__file__).parent / "results" / "host_overhead.json"
 GOAL_US = 2.0
 
 
-def sharegpt_like_prompts(rng: np.random.Generator, n: int, *, mean: float = 161.0,
-                          sigma: float = 0.8, max_len: int = 2048) -> list[int]:
+def sharegpt_like_prompts(
+  rng: np.random.Generator, n: int, *, mean: float = 161.0, sigma: float = 0.8, max_len: int = 2048
+) -> list[int]:
   """Long-tailed (log-normal) prompt lengths with the given mean, clipped to [1, max_len]."""
   mu = np.log(mean) - sigma**2 / 2  # E[lognormal] = exp(mu + sigma^2 / 2)
   return np.clip(rng.lognormal(mu, sigma, n).round(), 1, max_len).astype(int).tolist()
@@ -42,8 +40,12 @@ def sharegpt_like_prompts(rng: np.random.Generator, n: int, *, mean: float = 161
 
 def _per_seq_us(ns: list[int], num_seqs: int) -> dict[str, float]:
   us = np.asarray(ns) / 1e3 / num_seqs
-  return {"median_us": float(np.median(us)), "p90_us": float(np.percentile(us, 90)),
-          "mean_us": float(us.mean()), "samples": len(us)}
+  return {
+    "median_us": float(np.median(us)),
+    "p90_us": float(np.percentile(us, 90)),
+    "mean_us": float(us.mean()),
+    "samples": len(us),
+  }
 
 
 def bench_decode(bm: BlockManager, ids: list[int], steps: int, pbar: tqdm) -> dict:
@@ -89,24 +91,29 @@ def bench_fork_free(bm: BlockManager, ids: list[int], repeats: int, pbar: tqdm) 
     pbar.update(1)
   blocks_per_seq = statistics.mean(len(bm.block_table(sid)) for sid in ids)
   return {
-      "fork": _per_seq_us(fork_ns, len(ids)) | {"blocks_per_seq": blocks_per_seq},
-      "append_slot after fork (COW)": _per_seq_us(cow_ns, len(ids))
-                                      | {"cow_fraction": cows / (repeats * len(ids))},
-      "free (forked child)": _per_seq_us(free_ns, len(ids)),
+    "fork": _per_seq_us(fork_ns, len(ids)) | {"blocks_per_seq": blocks_per_seq},
+    "append_slot after fork (COW)": _per_seq_us(cow_ns, len(ids))
+    | {"cow_fraction": cows / (repeats * len(ids))},
+    "free (forked child)": _per_seq_us(free_ns, len(ids)),
   }
 
 
-def run(num_seqs_list: list[int], steps: int, repeats: int, block_size: int,
-        seed: int) -> list[dict]:
+def measure(
+  num_seqs_list: list[int], steps: int, repeats: int, block_size: int, seed: int
+) -> list[dict]:
+  """Timing rows for every number of sequences (see the module docstring)."""
   rng = np.random.default_rng(seed)
   rows = []
-  with tqdm(total=len(num_seqs_list) * (2 * steps + repeats), desc="host overhead",
-            disable=None) as pbar:
+  with tqdm(
+    total=len(num_seqs_list) * (2 * steps + repeats), desc="host overhead", disable=None
+  ) as pbar:
     for num_seqs in num_seqs_list:
       prompts = sharegpt_like_prompts(rng, num_seqs)
       # Room for the prompts, 2 * steps + repeats appended tokens each, one COW block each.
-      bm = BlockManager(sum(-(-(p + 2 * steps + repeats) // block_size) + 1 for p in prompts)
-                        + 2 * num_seqs, block_size)
+      bm = BlockManager(
+        sum(-(-(p + 2 * steps + repeats) // block_size) + 1 for p in prompts) + 2 * num_seqs,
+        block_size,
+      )
       ids = list(range(num_seqs))
       for sid, p in zip(ids, prompts):
         bm.allocate(sid, p)
@@ -117,63 +124,117 @@ def run(num_seqs_list: list[int], steps: int, repeats: int, block_size: int,
       stats = bm.stats()
       for op, figures in results.items():
         rows.append({"op": op, "num_seqs": num_seqs, **figures})
-      rows.append({"op": "final memory", "num_seqs": num_seqs,
-                   "used_device_blocks": stats.used_device_blocks,
-                   "fragmentation": stats.fragmentation,
-                   "mean_prompt_len": float(np.mean(prompts))})
+      rows.append(
+        {
+          "op": "final memory",
+          "num_seqs": num_seqs,
+          "used_device_blocks": stats.used_device_blocks,
+          "fragmentation": stats.fragmentation,
+          "mean_prompt_len": float(np.mean(prompts)),
+        }
+      )
   return rows
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor()
+def run(
+  quick: bool = False,
+  out_dir=None,
+  *,
+  num_seqs: list[int] | None = None,
+  steps: int | None = None,
+  repeats: int | None = None,
+  block_size: int = 16,
+  seed: int = 0,
+) -> dict:
+  """Runs the benchmark; prints the table and writes host_overhead.json.
+
+  Args:
+    quick: few steps, a smoke run (~2 s).
+    out_dir: output folder (None: bench/results, or bench/results/tmp when quick).
+    num_seqs: running sequences per case (None: 256 and 1024).
+    steps: timed decode steps per variant (None: 32 quick, 512 full).
+    repeats: fork / COW / free repeats (None: 5 quick, 50 full).
+    block_size: tokens per block.
+    seed: prompt-length seed.
+
+  Returns:
+    The report written to JSON.
+  """
+  num_seqs = num_seqs or [256, 1024]
+  steps = steps or (32 if quick else 512)
+  repeats = repeats or (5 if quick else 50)
+  rows = measure(num_seqs, steps, repeats, block_size, seed)
+
+  print(
+    f"\nhost bookkeeping, us per sequence (block_size={block_size}, goal <= {GOAL_US} us/seq/step)"
+  )
+  print(
+    common.format_table(
+      ["op", "seqs", "median", "p90", "mean", "note"],
+      [
+        [
+          row["op"],
+          row["num_seqs"],
+          row["median_us"],
+          row["p90_us"],
+          row["mean_us"],
+          ", ".join(
+            f"{k}={row[k]:.3g}"
+            for k in ("new_blocks", "blocks_per_seq", "cow_fraction")
+            if k in row
+          ),
+        ]
+        for row in rows
+        if "median_us" in row
+      ],
+    )
+  )
+  step_op = "blocks_to_append+append_slot"
+  report = {
+    "benchmark": "host_overhead",
+    "command": "python -m bench.host_overhead" + (" --quick" if quick else ""),
+    "inputs": {
+      "num_seqs": num_seqs,
+      "steps": steps,
+      "repeats": repeats,
+      "block_size": block_size,
+      "quick": quick,
+      "prompt_lengths": "sharegpt-like: log-normal, mean 161, sigma 0.8, clip 2048",
+    },
+    "seed": seed,
+    "goal_us_per_seq_step": GOAL_US,
+    "machine": common.machine_info(),
+    "headline": {
+      f"{step_op} us/seq (median, {row['num_seqs']} seqs)": round(row["median_us"], 3)
+      for row in rows
+      if row["op"] == step_op
+    },
+    "results": rows,
+  }
+  path = common.write_json(common.results_dir(quick, out_dir) / "host_overhead.json", report)
+  print(f"wrote {path}")
+  return report
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="few steps: a smoke run (~2 s)")
-  parser.add_argument("--num-seqs", type=int, nargs="+", default=[256, 1024])
+  parser.add_argument("--num-seqs", type=int, nargs="+", default=None)
   parser.add_argument("--steps", type=int, default=None, help="timed decode steps per variant")
   parser.add_argument("--repeats", type=int, default=None, help="fork/COW/free repeats")
   parser.add_argument("--block-size", type=int, default=16)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  parser.add_argument("--out-dir", type=pathlib.Path, default=None)
   args = parser.parse_args(argv)
-  steps = args.steps or (32 if args.quick else 512)
-  repeats = args.repeats or (5 if args.quick else 50)
-
-  rows = run(args.num_seqs, steps, repeats, args.block_size, args.seed)
-
-  print(f"\nhost bookkeeping, us per sequence (block_size={args.block_size}, "
-        f"goal <= {GOAL_US} us/seq/step)")
-  print(f"{'op':<32}{'seqs':>6}{'median':>9}{'p90':>9}{'mean':>9}  note")
-  for row in rows:
-    if "median_us" not in row:
-      continue
-    note = ", ".join(f"{k}={row[k]:.3g}" for k in ("new_blocks", "blocks_per_seq", "cow_fraction")
-                     if k in row)
-    print(f"{row['op']:<32}{row['num_seqs']:>6}{row['median_us']:>9.3f}{row['p90_us']:>9.3f}"
-          f"{row['mean_us']:>9.3f}  {note}")
-
-  report = {
-      "benchmark": "host_overhead",
-      "inputs": {"num_seqs": args.num_seqs, "steps": steps, "repeats": repeats,
-                 "block_size": args.block_size, "quick": args.quick,
-                 "prompt_lengths": "sharegpt-like: log-normal, mean 161, sigma 0.8, clip 2048"},
-      "seed": args.seed,
-      "goal_us_per_seq_step": GOAL_US,
-      "machine": {"platform": platform.platform(), "processor": _cpu_model(),
-                  "machine": platform.machine(), "python": sys.version.split()[0],
-                  "cpu_count": os.cpu_count(),
-                  "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
-      "results": rows,
-  }
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(report, indent=2) + "\n")
-  print(f"wrote {args.out}")
+  return run(
+    args.quick,
+    args.out_dir,
+    num_seqs=args.num_seqs,
+    steps=args.steps,
+    repeats=args.repeats,
+    block_size=args.block_size,
+    seed=args.seed,
+  )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""Shared plumbing of the benchmark modules: machine info, result paths, JSON, tables, plots.
+
+Every experiment in `bench/` exposes `run(quick: bool = False, out_dir=None) -> dict`,
+writes `<out_dir>/<name>.json` (+ `.png`) and puts a small flat `"headline"` dict in its
+report for `bench.run_all`'s summary table. Full runs go to `bench/results/` (committed,
+small files only); `--quick` smoke runs go to `bench/results/tmp/` (git-ignored) so a
+smoke run never overwrites a real result.
+
+This module does no measuring itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import sys
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def results_dir(quick: bool, out_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """Where a run writes: `out_dir` if given, else bench/results (or its tmp/ when quick)."""
+  path = pathlib.Path(out_dir) if out_dir is not None else RESULTS / "tmp" if quick else RESULTS
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor()
+
+
+def machine_info() -> dict:
+  """Where a result came from: OS, CPU, Python/JAX versions, backend, and the load right now.
+
+  The load average is recorded because the benchmark machine is shared: timings taken at a
+  load above the core count are slower than the machine can do.
+  """
+  info = {
+    "platform": platform.platform(),
+    "processor": _cpu_model(),
+    "machine": platform.machine(),
+    "python": sys.version.split()[0],
+    "cpu_count": os.cpu_count(),
+    "load_avg_1m_5m_15m": [round(x, 2) for x in os.getloadavg()]
+    if hasattr(os, "getloadavg")
+    else None,
+  }
+  if "jax" in sys.modules:  # host-only benchmarks should not pay for importing JAX
+    import jax
+
+    info.update(
+      jax=jax.__version__,
+      backend=jax.default_backend(),
+      device=str(jax.devices()[0].device_kind),
+    )
+  return info
+
+
+def write_json(path: pathlib.Path, report: dict) -> pathlib.Path:
+  """Writes `report` as indented JSON (a trailing newline, keys in insertion order)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(report, indent=1) + "\n")
+  return path
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+  """A plain-text table: text left-aligned, numbers right-aligned (floats to 4 digits)."""
+
+  def cell(x) -> str:
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+  table = [header, *rows]
+  cells = [[cell(x) for x in row] for row in table]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  lines = [
+    "  ".join(
+      c.ljust(w) if isinstance(x, str) else c.rjust(w) for x, c, w in zip(raw, r, widths)
+    ).rstrip()
+    for raw, r in zip(table, cells)
+  ]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def pyplot():
+  """matplotlib.pyplot on the non-interactive Agg backend (benchmarks only write PNGs)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def save_figure(fig, path: pathlib.Path, *, dpi: int = 110) -> pathlib.Path:
+  """Saves and closes `fig`; a modest dpi keeps the committed PNGs small."""
+  fig.savefig(path, dpi=dpi, bbox_inches="tight")
+  pyplot().close(fig)
+  return path

@@ -1,0 +1,138 @@
+"""The benchmark suite's own experiments run in their --quick form and report sane figures.
+
+Covers bench/memory_waste.py, bench/fragmentation.py, bench/memory_timeline.py,
+bench/host_overhead.py, bench/attention.py and bench/run_all.py. Each experiment runs
+once per module (fixtures), writing into a temporary folder; the tests check the JSON's
+fields and the relations the figures must satisfy. No timing is asserted.
+"""
+
+import json
+import string
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from bench import attention, fragmentation, host_overhead, memory_timeline, memory_waste, run_all
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def waste(out_dir):
+  return memory_waste.run(quick=True, out_dir=out_dir)
+
+
+@pytest.fixture(scope="module")
+def frag(out_dir, waste):  # after `waste`: same trace and pool, the compiled programs are reused
+  return fragmentation.run(quick=True, out_dir=out_dir)
+
+
+@pytest.fixture(scope="module")
+def timeline(out_dir):
+  return memory_timeline.run(quick=True, out_dir=out_dir)
+
+
+def _written(out_dir, name, report, *, png=True):
+  assert json.loads((out_dir / f"{name}.json").read_text()) == json.loads(json.dumps(report))
+  if png:
+    assert (out_dir / f"{name}.png").stat().st_size > 1000
+
+
+def test_memory_waste_paged_beats_contiguous(out_dir, waste):
+  _written(out_dir, "memory_waste", waste)
+  assert {r["mix"] for r in waste["results"]} == set(memory_waste.MIXES)
+  for row in waste["results"]:
+    pol = row["policies"]
+    assert set(pol) == set(memory_waste.POLICIES)
+    for figures in pol.values():
+      assert 0.0 <= figures["waste_pct"] <= 100.0
+      assert figures["mean_allocated_mib"] >= row["mean_used_mib"] > 0
+    # Paging reserves at most one partial block per sequence; max-context reserves 512.
+    assert pol["paged"]["waste_pct"] < pol["contiguous max context"]["waste_pct"]
+    assert (
+      pol["contiguous prompt+max_tokens"]["waste_pct"] < pol["contiguous max context"]["waste_pct"]
+    )
+    assert row["num_preemptions"] == 0
+    assert row["steps"] >= max(1, row["trace"]["max_output"])
+  assert all(isinstance(v, float) for v in waste["headline"].values())
+
+
+def test_fragmentation_replay_matches_engine_and_grows_with_block_size(out_dir, frag, waste):
+  _written(out_dir, "fragmentation", frag)
+  rows = frag["results"]
+  assert [r["block_size"] for r in rows] == list(fragmentation.BLOCK_SIZES)
+  pcts = [r["fragmentation_pct"] for r in rows]
+  assert all(0.0 <= p <= 100.0 for p in pcts)
+  # ceil(n / 2B) * 2B >= ceil(n / B) * B for every n: doubling the block never wastes less.
+  assert pcts == sorted(pcts)
+  assert all(r["attention_ms"] > 0 for r in rows)
+  check = frag["engine_check"]["16"]
+  assert check["replay_pct"] == pytest.approx(check["engine_pct"], abs=1e-9)
+  # The same seeded sharegpt-like trace as memory_waste's quick run, on the same schedule.
+  sharegpt = next(r for r in waste["results"] if r["mix"] == "sharegpt-like")
+  assert check["engine_pct"] == pytest.approx(sharegpt["policies"]["paged"]["waste_pct"])
+
+
+def test_fragmentation_replay_counts_partial_blocks():
+  # Two steps: lengths {1, 16} then {17}; at block 16: reserved 16+16+32 = 64, filled 34.
+  got = fragmentation.replay_fragmentation([[1, 16], [], [17]], 16)
+  assert got["fragmentation_pct"] == pytest.approx(100 * (1 - 34 / 64))
+  assert got["mean_empty_slots_per_seq"] == pytest.approx((15 + 0 + 15) / 3)
+
+
+def test_memory_timeline_shows_sharing_and_preemption(out_dir, timeline):
+  _written(out_dir, "memory_timeline", timeline)
+  assert (out_dir / "memory_timeline.json").stat().st_size < 200_000
+  steps, totals = timeline["steps"], timeline["totals"]
+  assert len(steps) == totals["num_steps"] == timeline["headline"]["steps"]
+  owners = set(string.ascii_uppercase[: len(timeline["requests"])])
+  for s in steps:
+    assert len(s["device"]) == memory_timeline.NUM_BLOCKS
+    assert len(s["host"]) == memory_timeline.NUM_HOST_BLOCKS
+    assert set(s["device"].upper()) <= owners | {"."}
+    assert s["used"] == memory_timeline.NUM_BLOCKS - s["device"].count(".")
+    assert s["shared"] == sum(c.islower() for c in s["device"])
+    assert s["host_used"] == memory_timeline.NUM_HOST_BLOCKS - s["host"].count(".")
+  # Every request got blocks at some point; the samples and the beams shared some.
+  assert set("".join(s["device"] for s in steps).upper()) - {"."} == owners
+  assert max(s["shared"] for s in steps) > 0
+  assert totals["num_preemptions_swap"] >= 1
+  assert any(s["host_used"] for s in steps)
+  assert any("swap-out" in s["events"] for s in steps)
+  assert any("swap-in" in s["events"] for s in steps)
+  assert steps[-1]["used"] == 0 and steps[-1]["host_used"] == 0
+
+
+def test_host_overhead_quick(out_dir):
+  report = host_overhead.run(quick=True, out_dir=out_dir, num_seqs=[64], steps=4, repeats=2)
+  _written(out_dir, "host_overhead", report, png=False)
+  ops = {r["op"] for r in report["results"]}
+  assert {"append_slot", "fork", "free (forked child)"} <= ops
+  assert all(r["median_us"] > 0 for r in report["results"] if "median_us" in r)
+  assert len(report["headline"]) == 1
+
+
+def test_attention_quick(out_dir):
+  report = attention.run(quick=True, out_dir=out_dir, runs=1, contexts=[64])
+  _written(out_dir, "attention", report, png=False)
+  assert [(r["context"], r["dtype"]) for r in report["results"]] == [
+    (64, "float32"),
+    (64, "bfloat16"),
+  ]
+  assert all(r["ratio_xla"] > 0 for r in report["results"])
+
+
+def test_run_all_headline_and_skips():
+  assert run_all.headline({"headline": {"a": 1}, "b": 2}) == {"a": 1}
+  assert run_all.headline({"x": 1.5, "flag": True, "d": {"u": 2, "v": 3}, "s": "t"}) == {
+    "x": 1.5,
+    "d.u": 2,
+    "d.v": 3,
+  }
+  assert run_all.run_one("no_such_experiment", quick=True)["status"].startswith("skipped")
+  with pytest.raises(ValueError, match="no_such"):
+    run_all.run(quick=True, only=["no_such"])
