@@ -11,6 +11,7 @@ This module does no measuring itself.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -103,3 +104,13 @@ def save_figure(fig, path: pathlib.Path, *, dpi: int = 110) -> pathlib.Path:
   fig.savefig(path, dpi=dpi, bbox_inches="tight")
   pyplot().close(fig)
   return path
+
+
+def trace_main(run, description: str, argv: list[str] | None = None) -> dict:
+  """Command line of a trace experiment: --quick, --num-requests, --seed -> run(...)."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--quick", action="store_true", help="small smoke run")
+  parser.add_argument("--num-requests", type=int, default=None)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  return run(args.quick, num_requests=args.num_requests, seed=args.seed)

@@ -21,7 +21,6 @@ Larger blocks mean fewer, longer gathers. Not measured: the Pallas kernel (GPU o
 
 from __future__ import annotations
 
-import argparse
 import functools
 import time
 
@@ -194,12 +193,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="small smoke run")
-  parser.add_argument("--num-requests", type=int, default=None)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  return run(args.quick, num_requests=args.num_requests, seed=args.seed)
+  return common.trace_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

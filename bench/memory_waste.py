@@ -27,8 +27,6 @@ schedule, which is what makes the comparison per step like for like.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 from tqdm import tqdm
 
@@ -241,12 +239,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="small smoke run")
-  parser.add_argument("--num-requests", type=int, default=None)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  return run(args.quick, num_requests=args.num_requests, seed=args.seed)
+  return common.trace_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
