@@ -8,7 +8,7 @@
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pagedjax import cli
@@ -24,6 +24,7 @@ _OUT = flags.DEFINE_string("train_dir", None, "Training output dir (default: pag
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # hide JAX's backend-probing INFO lines
   config = _CONFIG.value
   if _MODEL.value is not None:
     config.model = _MODEL.value
