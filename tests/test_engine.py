@@ -152,3 +152,14 @@ def test_compilations_are_bounded(llm):
   assert after_first <= 4 + 16
   llm.generate(prompts, params)
   assert llm.memory_stats()["num_compilations"] == after_first  # steady state: no new programs
+
+
+def test_max_model_len_limits_the_context():
+  llm = LLM(max_model_len=64, num_blocks=64)
+  with pytest.raises(ValueError, match="context of 64"):
+    llm.add_request(None, "z" * 70, SamplingParams(max_tokens=1))
+  out = llm.generate("The Python ", SamplingParams(max_tokens=200, temperature=0.0,
+                                                   ignore_eos=True))[0].outputs[0]
+  assert out.finish_reason == "length" and len(out.token_ids) == 64 - 12
+  with pytest.raises(ValueError, match="max_seq_len"):
+    LLM(max_model_len=4096)
