@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-import pagedjax.engine as engine_lib
+import pagedjax.step as step_lib
 from bench.contiguous_baseline import ContiguousServer
 from bench.workloads import make_trace
 from pagedjax import LLM, SamplingParams, checkpoint, sampler
@@ -130,7 +130,7 @@ def run_engine(
     _engine(num_blocks, max_num_seqs).generate(trace.prompts, params)
   warmup_s = time.perf_counter() - start
   llm = _engine(num_blocks, max_num_seqs)
-  traces_before = engine_lib._TRACES["step"]
+  traces_before = step_lib.TRACES["step"]
   busy = 0.0
   used = reserved = budget = 0
   outputs: dict[str, list[int]] = {}
@@ -161,7 +161,7 @@ def run_engine(
     "num_preemptions": stats["num_preemptions"],
     "peak_used_blocks": stats["peak_used_blocks"],
     "num_compilations": stats["num_compilations"],
-    "compiles_during_timed_run": engine_lib._TRACES["step"] - traces_before,
+    "compiles_during_timed_run": step_lib.TRACES["step"] - traces_before,
     "kv_util_of_reserved": used / max(reserved, 1),
     "kv_util_of_budget": used / max(budget, 1),
   }, tokens
@@ -244,7 +244,7 @@ def _component_times(llm: LLM, plan: dict, samp: dict, reps: int) -> dict:
   kv = [llm.kv]
 
   def full(p, s):  # chains the donated cache through the repeats
-    kv[0], out = engine_lib._step(
+    kv[0], out = step_lib.step(
       params,
       kv[0],
       p,
@@ -286,7 +286,7 @@ def _component_times(llm: LLM, plan: dict, samp: dict, reps: int) -> dict:
       keys=keys,
       banned_ids=s["banned_ids"],
       vocab_size=llm.tokenizer.vocab_size,
-      num_top_logprobs=engine_lib._NUM_TOP_LOGPROBS,
+      num_top_logprobs=step_lib.NUM_TOP_LOGPROBS,
     )
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -328,7 +328,7 @@ def steady_decode(
   if warmup:
     _engine(num_blocks, batch).generate(trace.prompts, params)  # compile
   result = {"batch": batch, "decode_steps": decode_steps, "num_blocks": num_blocks}
-  original = engine_lib._step
+  original = step_lib.step
   captured: dict = {}  # the plan and sampling arrays of the latest step
 
   def capture(params_, kv, plan, samp, **kw):
@@ -340,11 +340,11 @@ def steady_decode(
     for p in trace.prompts:
       llm.add_request(None, p, params)
     acc: dict = {}
-    targets = [(engine_lib, "_step", phase == "split")]
+    targets = [(step_lib, "step", phase == "split")]
     if phase == "split":
       targets += [(llm.scheduler, "schedule", False), (llm, "_build_plan", False)]
     times, flops, contexts, splits = [], [], [], []
-    engine_lib._step = capture
+    step_lib.step = capture
     try:
       with _timing(acc, targets):
         while llm.has_unfinished_requests():
@@ -360,7 +360,7 @@ def steady_decode(
             contexts.append(float((plan["context_lens"] + 1).mean()))
             splits.append(dict(acc, total=dt))
     finally:
-      engine_lib._step = original
+      step_lib.step = original
     if phase == "plain":
       times = np.asarray(times)
       result.update(
@@ -376,11 +376,11 @@ def steady_decode(
     result["step_split_s"] = {
       "scheduler": med["schedule"],
       "build_plan": med["_build_plan"],
-      "device_step_synced": med["_step"],
+      "device_step_synced": med["step"],
       "device_get_and_bookkeeping": med["total"]
       - med["schedule"]
       - med["_build_plan"]
-      - med["_step"],
+      - med["step"],
       "total": med["total"],
     }
     result["device_split_s"] = _component_times(llm, captured["plan"], captured["samp"], reps)

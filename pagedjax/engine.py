@@ -11,7 +11,6 @@ number of programs; `memory_stats()["num_compilations"]` counts them.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import time
 from collections.abc import Sequence as TypingSequence
@@ -21,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pagedjax import beam_search, checkpoint, sampler
+from pagedjax import beam_search, checkpoint
 from pagedjax import kv_cache as kvc
+from pagedjax import step as step_lib
 from pagedjax.block_manager import BlockManager
 from pagedjax.model import ModelConfig
 from pagedjax.outputs import CompletionOutput, RequestOutput
@@ -32,7 +32,6 @@ from pagedjax.sequence import Sequence, SequenceGroup, SequenceStatus
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 _MAX_BANNED = 8          # stop-token bans per row (min_tokens); more raise ValueError
-_NUM_TOP_LOGPROBS = 16   # (id, logprob) pairs returned per row each step: beam_width <= 8
 _MIN_PREFILL_BUCKET = 16
 
 
@@ -47,29 +46,6 @@ def _bucket(n: int, cap: int, minimum: int = 1) -> int:
   """Smallest power of two >= n (at least `minimum`), capped at `cap`."""
   b = max(minimum, 1 << max(0, (n - 1).bit_length()))
   return min(b, cap)
-
-
-_TRACES = {"step": 0}  # traces (= compilations) of `_step` in this process
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "vocab_size"),
-                   donate_argnames=("kv",))
-def _step(params, kv, plan, samp, *, graphdef, impl, vocab_size):
-  """One engine step: COW copies, paged forward, sampling. Module-level so that every
-  engine with the same model structure shares the compiled programs."""
-  _TRACES["step"] += 1  # runs once per trace, i.e. per compiled program
-  kv = kvc.copy_kv_blocks(kv, plan["cow_src"], plan["cow_dst"])
-  model = nnx.merge(graphdef, params)
-  logits, kv = model.forward_paged(
-      plan["tokens"], plan["positions"], kv, block_tables=plan["block_tables"],
-      context_lens=plan["context_lens"], query_lens=plan["query_lens"],
-      slot_mapping=plan["slot_mapping"], impl=impl)  # logits [B, V] at each row's last token
-  logits = logits[samp["row_index"]]  # [R, V]: one row per sample
-  keys = sampler.row_keys(samp["seeds"], samp["sample_indices"], samp["out_positions"])
-  out = sampler.sample(logits, temperature=samp["temperature"], top_k=samp["top_k"],
-                       top_p=samp["top_p"], keys=keys, banned_ids=samp["banned_ids"],
-                       vocab_size=vocab_size, num_top_logprobs=_NUM_TOP_LOGPROBS)
-  return kv, out
 
 
 class LLM:
@@ -187,8 +163,9 @@ class LLM:
       raise ValueError(f"a request of {width} sequences (n / beam_width) can never be scheduled "
                        f"with max_num_seqs={self.max_num_seqs}")
     if params.use_beam_search:
-      if 2 * params.beam_width > _NUM_TOP_LOGPROBS:
-        raise ValueError(f"beam_width must be <= {_NUM_TOP_LOGPROBS // 2}, got {params.beam_width}")
+      if 2 * params.beam_width > step_lib.NUM_TOP_LOGPROBS:
+        raise ValueError(f"beam_width must be <= {step_lib.NUM_TOP_LOGPROBS // 2}, "
+                         f"got {params.beam_width}")
       if params.stop or params.stop_token_ids:
         raise ValueError("stop strings / stop_token_ids are not supported with beam search")
     text, ids = self._tokenize(prompt)
@@ -316,8 +293,8 @@ class LLM:
       return []
     plan, samp, sample_rows = self._build_plan(so)
     self._programs.add((so.is_prefill, plan["tokens"].shape, samp["row_index"].shape))
-    self.kv, out = _step(self._params, self.kv, plan, samp, graphdef=self._graphdef,
-                         impl=self.attention_impl, vocab_size=self.tokenizer.vocab_size)
+    self.kv, out = step_lib.step(self._params, self.kv, plan, samp, graphdef=self._graphdef,
+                                 impl=self.attention_impl, vocab_size=self.tokenizer.vocab_size)
     tokens, logprobs, top_ids, top_lps = jax.device_get(out)
     touched: dict[str, SequenceGroup] = {}
     beam_rows: dict[str, list[tuple[Sequence, int]]] = {}
@@ -531,6 +508,6 @@ class LLM:
         num_blocks_swapped_out=self.scheduler.num_blocks_swapped["out"],
         num_blocks_swapped_in=self.scheduler.num_blocks_swapped["in"],
         peak_waste_pct=self._peak_snapshot["waste_pct"],
-        num_compilations=self.num_compilations, process_step_traces=_TRACES["step"],
+        num_compilations=self.num_compilations, process_step_traces=step_lib.TRACES["step"],
         **self._stats)
     return stats
