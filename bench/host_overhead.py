@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench import common
-from pagedjax.block_manager import BlockManager
+from pagedjax.core.block_manager import BlockManager
 
 GOAL_US = 2.0
 

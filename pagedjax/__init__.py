@@ -7,8 +7,8 @@ Layers, in the one direction data flows:
 `LLM` (engine) ties them together behind vLLM's offline and streaming APIs.
 """
 
-from pagedjax.block_allocator import BlockAllocator
-from pagedjax.block_manager import BlockManager, NoFreeBlocksError, SequenceStateError
+from pagedjax.core.block_allocator import BlockAllocator
+from pagedjax.core.block_manager import BlockManager, NoFreeBlocksError, SequenceStateError
 from pagedjax.engine import LLM
 from pagedjax.outputs import CompletionOutput, RequestOutput
 from pagedjax.sampling_params import SamplingParams

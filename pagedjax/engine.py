@@ -20,15 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pagedjax import beam_search, checkpoint
+from pagedjax import checkpoint
+from pagedjax.core import beam_search
 from pagedjax import kv_cache as kvc
 from pagedjax import step as step_lib
-from pagedjax.block_manager import BlockManager
+from pagedjax.core.block_manager import BlockManager
 from pagedjax.model import ModelConfig
 from pagedjax.outputs import CompletionOutput, RequestOutput
 from pagedjax.sampling_params import SamplingParams
-from pagedjax.scheduler import Scheduler
-from pagedjax.sequence import Sequence, SequenceGroup, SequenceStatus
+from pagedjax.core.scheduler import Scheduler
+from pagedjax.core.sequence import Sequence, SequenceGroup, SequenceStatus
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 _MAX_BANNED = 8          # stop-token bans per row (min_tokens); more raise ValueError

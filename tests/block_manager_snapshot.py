@@ -5,7 +5,7 @@ exactly as it was" must cover state the public API does not show (free-list
 order, the peak counter).
 """
 
-from pagedjax.block_manager import BlockManager
+from pagedjax.core.block_manager import BlockManager
 
 
 def snapshot(bm: BlockManager) -> dict:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pagedjax.block_allocator import BlockAllocator, NoFreeBlocksError
+from pagedjax.core.block_allocator import BlockAllocator, NoFreeBlocksError
 
 
 def _state(alloc: BlockAllocator):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from block_manager_snapshot import snapshot
-from pagedjax.block_manager import (BlockManager, NoFreeBlocksError, SequenceStateError,
+from pagedjax.core.block_manager import (BlockManager, NoFreeBlocksError, SequenceStateError,
                                     SlotRef)
 
 

@@ -25,7 +25,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  rule, run_state_machine_as_test)
 
 from block_manager_snapshot import snapshot
-from pagedjax.block_manager import BlockManager, NoFreeBlocksError, SequenceStateError
+from pagedjax.core.block_manager import BlockManager, NoFreeBlocksError, SequenceStateError
 
 _LONG = os.environ.get("PAGEDJAX_LONG_TESTS") == "1"
 
@@ -272,7 +272,7 @@ TestBlockManagerStateful = BlockManagerMachine.TestCase
 @pytest.mark.parametrize("bug", ["skip_cow", "drop_refs_on_swap"])
 def test_machine_catches_injected_bugs(bug, monkeypatch):
   """The machine must fail on a manager that skips COW or loses ref counts on swap."""
-  import pagedjax.block_manager as bm_module
+  import pagedjax.core.block_manager as bm_module
   if bug == "skip_cow":
     def append_slot(self, seq_id):  # writes into a shared block without copying it
       seq = self._get_resident(seq_id)

@@ -10,7 +10,8 @@ from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagedjax import LLM, SamplingParams, beam_search
+from pagedjax import LLM, SamplingParams
+from pagedjax.core import beam_search
 from pagedjax.checkpoint import load
 from pagedjax.model import dense_forward
 

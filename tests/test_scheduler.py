@@ -2,10 +2,10 @@
 
 import pytest
 
-from pagedjax.block_manager import BlockManager
+from pagedjax.core.block_manager import BlockManager
 from pagedjax.sampling_params import SamplingParams
-from pagedjax.scheduler import Scheduler
-from pagedjax.sequence import SequenceGroup, SequenceStatus
+from pagedjax.core.scheduler import Scheduler
+from pagedjax.core.sequence import SequenceGroup, SequenceStatus
 
 
 def _group(i, prompt_len):

@@ -17,8 +17,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 
-from pagedjax.block_manager import BlockManager
-from pagedjax.sequence import Sequence, SequenceGroup, SequenceStatus
+from pagedjax.core.block_manager import BlockManager
+from pagedjax.core.sequence import Sequence, SequenceGroup, SequenceStatus
 
 PREEMPTION_MODES = ("recompute", "swap")
 

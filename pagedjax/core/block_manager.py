@@ -12,7 +12,7 @@ shared blocks move once).
 It does not touch device memory: acts that need data moved return copy ops
 `(src_block, dst_block)` for the device layer (`pagedjax.kv_cache`) to run
 before the step that reads them. It does not schedule; that is
-`pagedjax.scheduler`.
+`pagedjax.core.scheduler`.
 
 Errors: a bad sequence id or an act on a sequence in the wrong place raises
 `SequenceStateError` (a `ValueError` naming the id); a pool too small raises
@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pagedjax.block_allocator import BlockAllocator, NoFreeBlocksError
+from pagedjax.core.block_allocator import BlockAllocator, NoFreeBlocksError
 
 __all__ = [
     "BlockManager", "MemoryStats", "NoFreeBlocksError", "SequenceStateError", "SlotRef",

@@ -7,7 +7,7 @@ working set of pages small), and each block has a reference count so several
 sequences can share one block (fork, parallel sampling, beam search).
 
 It does not know about sequences, block tables, copy-on-write or device memory:
-that is `pagedjax.block_manager.BlockManager`, which owns one allocator for the
+that is `pagedjax.core.block_manager.BlockManager`, which owns one allocator for the
 device pool and one for the host (swap) pool.
 """
 
