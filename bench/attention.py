@@ -3,7 +3,7 @@
 For each (context, dtype) the same logical K/V (batch 32, 8 query heads, 8 kv heads,
 head_dim 64, every sequence at full context) is stored twice: as pages of 16 tokens
 scattered by a random permutation through a pool with a block table per sequence
-(`pagedjax.attention`, impl="xla"), and contiguously in several dense layouts. Each
+(`pagedjax.runner.attention`, impl="xla"), and contiguously in several dense layouts. Each
 function is timed (median of --runs, calls interleaved round by round in one process)
 and the table reports the paged / best-contiguous ratio and the achieved K/V read
 bandwidth. On a GPU backend the Pallas kernel (impl="pallas") is timed as well.
@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench import common
-from pagedjax.attention import paged_decode_attention
+from pagedjax.runner.attention import paged_decode_attention
 
 
 def _contiguous_decode(q, k, v, lengths, *, sm_scale, layout):

@@ -17,7 +17,7 @@ Two reservation policies (`reserve=`):
 
 It runs the same weights through the model's own `Attention.qkv` / `Attention.out`, `MLP`
 and norms, with its own jitted prefill and decode (dense masked attention from
-`pagedjax.attention`'s references over the contiguous cache), greedy decoding only, no
+`pagedjax.runner.attention`'s references over the contiguous cache), greedy decoding only, no
 EOS handling: every request generates exactly its `output_len` tokens (like the engine
 with ignore_eos=True). It does no paging, preemption or sampling, by design.
 """
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pagedjax.attention import decode_attention_reference, prefill_attention_reference
+from pagedjax.runner.attention import decode_attention_reference, prefill_attention_reference
 
 RESERVE_POLICIES = ("max-context", "oracle")
 _ORACLE_ROUND = 64  # oracle S_max granularity: bounds the number of compiled shapes
@@ -73,7 +73,7 @@ class ContiguousServer:
   """Static batches over a contiguous, preallocated KV cache.
 
   Args:
-    module: the `pagedjax.model.Transformer` (its weights are used as they are).
+    module: the `pagedjax.runner.model.Transformer` (its weights are used as they are).
     budget_tokens: KV slots (tokens) the cache may hold in all; same bytes per token as
       the engine's paged cache.
     reserve: "max-context" or "oracle" (see the module docstring).

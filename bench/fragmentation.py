@@ -11,7 +11,7 @@ block size B follows from those counts:
 That replay is checked against the engine's own `memory_stats()` at block size 16 and,
 in the full run, by serving the trace again at block size 64 (the JSON's "engine_check").
 
-Attention: `pagedjax.attention.paged_decode_attention` (impl="xla") on the same logical
+Attention: `pagedjax.runner.attention.paged_decode_attention` (impl="xla") on the same logical
 K/V at every block size (the bundled model's heads: 8 query, 4 kv, head_dim 32; batch 8
 at a 512-token context; pages scattered by a random permutation), median of --runs calls.
 Larger blocks mean fewer, longer gathers. Not measured: the Pallas kernel (GPU only).
@@ -32,7 +32,7 @@ from tqdm import tqdm
 from bench import common
 from bench.memory_waste import make_engine, serve_and_sample
 from bench.workloads import make_trace
-from pagedjax.attention import paged_decode_attention
+from pagedjax.runner.attention import paged_decode_attention
 
 NAME = "fragmentation"
 BLOCK_SIZES = (8, 16, 32, 64, 128)

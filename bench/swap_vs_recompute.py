@@ -13,7 +13,7 @@
 (b) Micro, as in the vLLM paper's Fig. 19(a). For block sizes 8..128 and a fixed
     `num_tokens` (k = num_tokens / block_size blocks, scattered over a cache of
     `cache_tokens` slots): swap-out then swap-in of the k blocks, all layers, K and V,
-    between the device cache and the host pool (`pagedjax.kv_cache.swap_out_blocks` /
+    between the device cache and the host pool (`pagedjax.runner.kv_cache.swap_out_blocks` /
     `swap_in_blocks`, pinned_host memory where the backend has it), vs recomputing the
     same tokens: one engine prefill of a `num_tokens`-token prompt (`generate` with
     max_tokens=1, so host scheduling and one sampled token are included, as in a real
@@ -41,7 +41,7 @@ from tqdm import tqdm
 from bench import common
 from bench.workloads import make_trace
 from pagedjax import LLM, SamplingParams, checkpoint
-from pagedjax import kv_cache as kvc
+from pagedjax.runner import kv_cache as kvc
 
 SEED = 0
 BLOCK_SIZE = 16  # end to end

@@ -45,12 +45,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-import pagedjax.step as step_lib
+import pagedjax.runner.step as step_lib
 from bench.contiguous_baseline import ContiguousServer
 from bench.workloads import make_trace
-from pagedjax import LLM, SamplingParams, checkpoint, sampler
-from pagedjax.attention import paged_decode_attention
-from pagedjax.kv_cache import write_kv_layer
+from pagedjax import LLM, SamplingParams, checkpoint
+from pagedjax.runner import sampler
+from pagedjax.runner.attention import paged_decode_attention
+from pagedjax.runner.kv_cache import write_kv_layer
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "throughput.json"
 GOAL_RATIO = 3.0

@@ -29,7 +29,7 @@ import safetensors.numpy
 from flax import nnx
 
 from pagedjax import hf
-from pagedjax.model import ModelConfig, Transformer
+from pagedjax.runner.model import ModelConfig, Transformer
 from pagedjax.tokenizer import ByteTokenizer
 
 WEIGHTS_FILE = "model.safetensors"

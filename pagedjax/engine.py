@@ -22,10 +22,10 @@ from flax import nnx
 
 from pagedjax import checkpoint
 from pagedjax.core import beam_search
-from pagedjax import kv_cache as kvc
-from pagedjax import step as step_lib
+from pagedjax.runner import kv_cache as kvc
+from pagedjax.runner import step as step_lib
 from pagedjax.core.block_manager import BlockManager
-from pagedjax.model import ModelConfig
+from pagedjax.runner.model import ModelConfig
 from pagedjax.outputs import CompletionOutput, RequestOutput
 from pagedjax.sampling_params import SamplingParams
 from pagedjax.core.scheduler import Scheduler

@@ -8,7 +8,7 @@ the newer rope_parameters / dtype style), `model.safetensors` or sharded
 bfloat16 or float16 tensors), `tokenizer.json` (the `tokenizers` library),
 `tokenizer_config.json` (BOS) and `generation_config.json` (EOS ids) when present.
 
-Weights map onto the project's tree (pagedjax.model's docstring) with linear weights
+Weights map onto the project's tree (pagedjax.runner.model's docstring) with linear weights
 transposed from HF's [out, in] to [in, out]; `HFWeights` reads them lazily, one tensor at
 a time, so a checkpoint is never held twice in host memory.
 
@@ -31,7 +31,7 @@ import numpy as np
 import safetensors
 import tokenizers
 
-from pagedjax.model import Llama3RopeScaling, ModelConfig
+from pagedjax.runner.model import Llama3RopeScaling, ModelConfig
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # Default context when a checkpoint allows more (Llama 3.1: 131072): the engine reserves a

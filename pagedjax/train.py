@@ -24,7 +24,7 @@ import tqdm
 from flax import nnx
 
 from pagedjax import checkpoint
-from pagedjax import model as model_lib
+from pagedjax.runner import model as model_lib
 from pagedjax.tokenizer import ByteTokenizer
 
 SAMPLE_PROMPTS = ("The Python ", "def ", "A list is ", "The ")

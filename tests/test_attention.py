@@ -1,4 +1,4 @@
-"""Tests for pagedjax.attention: paged decode/prefill vs the dense references.
+"""Tests for pagedjax.runner.attention: paged decode/prefill vs the dense references.
 
 Every case poisons every page slot that no sequence uses with NaN and fills padded
 block-table entries with junk (-1, out-of-range ids, ids of other sequences' pages), so
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagedjax import attention
+from pagedjax.runner import attention
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 

@@ -5,7 +5,7 @@ import pytest
 
 from pagedjax import LLM, SamplingParams
 from pagedjax.checkpoint import load_bundled_model
-from pagedjax.model import greedy_generate_dense
+from pagedjax.runner.model import greedy_generate_dense
 from pagedjax.tokenizer import ByteTokenizer
 
 PROMPTS = [

@@ -18,7 +18,7 @@ from flax import nnx
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from pagedjax import LLM, SamplingParams, checkpoint, hf
-from pagedjax.model import dense_forward, greedy_generate_dense
+from pagedjax.runner.model import dense_forward, greedy_generate_dense
 
 SENTENCES = [
   "The quick brown fox jumps over the lazy dog.",

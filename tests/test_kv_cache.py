@@ -1,11 +1,11 @@
-"""Tests for pagedjax.kv_cache: every op against numpy, donation, padding, bucketing."""
+"""Tests for pagedjax.runner.kv_cache: every op against numpy, donation, padding, bucketing."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagedjax import kv_cache as kc
+from pagedjax.runner import kv_cache as kc
 
 L, HKV, N, BS, D = 2, 2, 8, 4, 8
 

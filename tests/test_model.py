@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from pagedjax import checkpoint as ckpt
-from pagedjax import model as M
+from pagedjax.runner import model as M
 
 TINY = M.ModelConfig(
   vocab_size=64,

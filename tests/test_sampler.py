@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagedjax import sampler
+from pagedjax.runner import sampler
 from pagedjax.sampling_params import SamplingParams
 
 V, REAL_V = 16, 12

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from pagedjax import checkpoint as ckpt
-from pagedjax import model as M
+from pagedjax.runner import model as M
 from pagedjax import train as T
 from pagedjax.tokenizer import ByteTokenizer
 

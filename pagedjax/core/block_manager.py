@@ -10,7 +10,7 @@ token, with copy-on-write when the block being written is shared), `fork`
 shared blocks move once).
 
 It does not touch device memory: acts that need data moved return copy ops
-`(src_block, dst_block)` for the device layer (`pagedjax.kv_cache`) to run
+`(src_block, dst_block)` for the device layer (`pagedjax.runner.kv_cache`) to run
 before the step that reads them. It does not schedule; that is
 `pagedjax.core.scheduler`.
 

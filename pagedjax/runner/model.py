@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pagedjax.attention import paged_decode_attention, paged_prefill_attention
-from pagedjax.kv_cache import KVCache, write_kv_layer
+from pagedjax.runner.attention import paged_decode_attention, paged_prefill_attention
+from pagedjax.runner.kv_cache import KVCache, write_kv_layer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,8 @@ import functools
 import jax
 from flax import nnx
 
-from pagedjax import kv_cache as kvc
-from pagedjax import sampler
+from pagedjax.runner import kv_cache as kvc
+from pagedjax.runner import sampler
 
 # (id, logprob) pairs returned per sample row each step; beam search needs 2 * beam_width.
 NUM_TOP_LOGPROBS = 16
