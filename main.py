@@ -19,7 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _MODE = flags.DEFINE_enum("mode", "serve", ["serve", "train"], "Serve prompts or train the bundled model.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", None, "Prompt(s) to serve instead of the config's.")
 _MODEL = flags.DEFINE_string("model", None, "Model directory (overrides config.model).")
-_OUT = flags.DEFINE_string("train_dir", None, "Training output dir (default: pagedjax/assets).")
+_OUT = flags.DEFINE_string("train_dir", None, "Training output dir (default: pagedjax/weights/assets).")
 
 
 def main(argv):

@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from bench import common
 from bench.workloads import make_trace
-from pagedjax import LLM, SamplingParams, checkpoint
+from pagedjax import LLM, SamplingParams
+from pagedjax.weights import checkpoint
 
 MIXES = ("sharegpt-like", "alpaca-like")
 MODES = ("parallel", "beam")

@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from bench import common
 from bench.workloads import make_trace
-from pagedjax import LLM, SamplingParams, checkpoint
+from pagedjax import LLM, SamplingParams
+from pagedjax.weights import checkpoint
 from pagedjax.runner import kv_cache as kvc
 
 SEED = 0

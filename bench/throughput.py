@@ -48,7 +48,8 @@ from tqdm import tqdm
 import pagedjax.runner.step as step_lib
 from bench.contiguous_baseline import ContiguousServer
 from bench.workloads import make_trace
-from pagedjax import LLM, SamplingParams, checkpoint
+from pagedjax import LLM, SamplingParams
+from pagedjax.weights import checkpoint
 from pagedjax.runner import sampler
 from pagedjax.runner.attention import paged_decode_attention
 from pagedjax.runner.kv_cache import write_kv_layer

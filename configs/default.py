@@ -7,13 +7,13 @@ Variants import this file and change a few fields (see configs/*.py).
 
 import ml_collections
 
-from pagedjax import train as train_lib
+from pagedjax.weights import train as train_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # Model directory; "" loads the bundled model shipped in pagedjax/assets.
+  # Model directory; "" loads the bundled model shipped in pagedjax/weights/assets.
   config.model = ""
 
   config.engine = ml_collections.ConfigDict()
@@ -64,6 +64,6 @@ def get_config() -> ml_collections.ConfigDict:
       "Built-in functions ",
   )
   # `python main.py --mode=train`: the bundled model's training run (every field is
-  # commented in pagedjax/train.py), e.g. --config.train.num_steps=200.
+  # commented in pagedjax/weights/train.py), e.g. --config.train.num_steps=200.
   config.train = train_lib.default_train_config()
   return config

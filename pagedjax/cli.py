@@ -63,13 +63,13 @@ def serve(config: ml_collections.ConfigDict, prompts=None) -> list:
 
 
 def train(config: ml_collections.ConfigDict, out_dir: str | None = None) -> dict:
-  """Trains the bundled model (pagedjax/train.py); writes it to out_dir.
+  """Trains the bundled model (pagedjax/weights/train.py); writes it to out_dir.
 
   out_dir defaults to config.train.output_dir, else the package's own assets
   directory: the run that reproduces the shipped weights.
   """
-  from pagedjax import train as train_lib
-  from pagedjax.checkpoint import bundled_model_dir
+  from pagedjax.weights import train as train_lib
+  from pagedjax.weights.checkpoint import bundled_model_dir
 
   c = config.train
   c.output_dir = out_dir or c.output_dir or bundled_model_dir()

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pagedjax import checkpoint
+from pagedjax.weights import checkpoint
 from pagedjax.core import beam_search
 from pagedjax.runner import kv_cache as kvc
 from pagedjax.runner import step as step_lib
@@ -54,7 +54,7 @@ class LLM:
 
   Args:
     model: None for the bundled model, or a directory: pagedjax's own format
-      (`checkpoint.save_model`) or a Hugging Face checkpoint (see pagedjax/hf.py).
+      (`checkpoint.save_model`) or a Hugging Face checkpoint (see pagedjax/weights/hf.py).
     max_model_len: context limit in tokens (None: the model's, capped at 4096
       for Hugging Face checkpoints).
     num_blocks: KV blocks on the device; None sizes the cache from

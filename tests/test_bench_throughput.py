@@ -13,7 +13,8 @@ import pytest
 from bench import throughput
 from bench.contiguous_baseline import ContiguousServer
 from bench.workloads import make_trace
-from pagedjax import LLM, SamplingParams, checkpoint
+from pagedjax import LLM, SamplingParams
+from pagedjax.weights import checkpoint
 
 
 @pytest.mark.parametrize("name", ["sharegpt-like", "alpaca-like"])

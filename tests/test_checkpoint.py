@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pagedjax import checkpoint as ckpt
+from pagedjax.weights import checkpoint as ckpt
 from pagedjax.runner import model as M
-from pagedjax.tokenizer import ByteTokenizer
+from pagedjax.weights.tokenizer import ByteTokenizer
 
 TINY = M.ModelConfig(
   vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, hidden_dim=48,

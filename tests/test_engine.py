@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from pagedjax import LLM, SamplingParams
-from pagedjax.checkpoint import load_bundled_model
+from pagedjax.weights.checkpoint import load_bundled_model
 from pagedjax.runner.model import greedy_generate_dense
-from pagedjax.tokenizer import ByteTokenizer
+from pagedjax.weights.tokenizer import ByteTokenizer
 
 PROMPTS = [
     "The Python ",

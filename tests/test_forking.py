@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pagedjax import LLM, SamplingParams
 from pagedjax.core import beam_search
-from pagedjax.checkpoint import load
+from pagedjax.weights.checkpoint import load
 from pagedjax.runner.model import dense_forward
 
 PROMPT = ("The try statement specifies exception handlers and/or cleanup code for a group of "

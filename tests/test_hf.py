@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints (pagedjax.hf): tiny checkpoints written here, one per architecture.
+"""Hugging Face checkpoints (pagedjax.weights.hf): tiny checkpoints written here, one per architecture.
 
 Each is checked against an independent numpy forward of the HF architecture (the only way
 to prove the name mapping, transposes, rope scaling, q/k norm and biases), tensor by
@@ -17,7 +17,8 @@ import tokenizers
 from flax import nnx
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from pagedjax import LLM, SamplingParams, checkpoint, hf
+from pagedjax import LLM, SamplingParams
+from pagedjax.weights import checkpoint, hf
 from pagedjax.runner.model import dense_forward, greedy_generate_dense
 
 SENTENCES = [

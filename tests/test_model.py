@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pagedjax import checkpoint as ckpt
+from pagedjax.weights import checkpoint as ckpt
 from pagedjax.runner import model as M
 
 TINY = M.ModelConfig(

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pagedjax.tokenizer import ByteTokenizer
+from pagedjax.weights.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

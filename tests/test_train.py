@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pagedjax import checkpoint as ckpt
+from pagedjax.weights import checkpoint as ckpt
 from pagedjax.runner import model as M
-from pagedjax import train as T
-from pagedjax.tokenizer import ByteTokenizer
+from pagedjax.weights import train as T
+from pagedjax.weights.tokenizer import ByteTokenizer
 
 
 def tiny_config(output_dir=""):

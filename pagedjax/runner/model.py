@@ -14,7 +14,7 @@ the attention dispatch (xla | pallas). `Attention.qkv` (projections + rope) and
 differs only in where K/V live.
 
 What it does not do: block allocation, sampling or batching (the engine's job), weight
-files (pagedjax.checkpoint, pagedjax.hf), and no dropout (training here is small enough
+files (pagedjax.weights.checkpoint, pagedjax.weights.hf), and no dropout (training here is small enough
 not to need it).
 
 Parameter layout (all float32; computation in `ModelConfig.dtype`):

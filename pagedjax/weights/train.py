@@ -23,9 +23,9 @@ import optax
 import tqdm
 from flax import nnx
 
-from pagedjax import checkpoint
+from pagedjax.weights import checkpoint
 from pagedjax.runner import model as model_lib
-from pagedjax.tokenizer import ByteTokenizer
+from pagedjax.weights.tokenizer import ByteTokenizer
 
 SAMPLE_PROMPTS = ("The Python ", "def ", "A list is ", "The ")
 

@@ -4,7 +4,7 @@ The project's format is a directory with `model.safetensors` (flat parameter key
 as ``layers.0.attn.q_proj.kernel``, kernels [in, out]; no pickle) and a `config.json`
 whose "model" section is a `ModelConfig` (other sections hold metadata, e.g. training).
 `load(path)` is what the engine calls: the bundled model (path None), a directory in
-the project's format, or a Hugging Face checkpoint directory (pagedjax.hf).
+the project's format, or a Hugging Face checkpoint directory (pagedjax.weights.hf).
 
 The tokenizer interface the engine relies on: `encode(text) -> list[int]` (BOS as the
 model expects), `decode(ids) -> str` (special tokens skipped), `vocab_size` (valid
@@ -28,9 +28,9 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from pagedjax import hf
+from pagedjax.weights import hf
 from pagedjax.runner.model import ModelConfig, Transformer
-from pagedjax.tokenizer import ByteTokenizer
+from pagedjax.weights.tokenizer import ByteTokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -79,7 +79,7 @@ def model_from_arrays(cfg: ModelConfig, arrays: Mapping[str, np.ndarray]) -> Tra
   """Builds a `Transformer` from flat-keyed arrays (the layout in model.py's docstring).
 
   Each value is fetched once and converted to a float32 device array before the next
-  one is fetched, so a lazy mapping (pagedjax.hf) streams a checkpoint tensor by tensor.
+  one is fetched, so a lazy mapping (pagedjax.weights.hf) streams a checkpoint tensor by tensor.
 
   Raises:
     ValueError: on missing or unexpected keys, or a shape mismatch (named).
@@ -116,7 +116,7 @@ def load_model(path: str | os.PathLike) -> tuple[ModelConfig, Transformer, dict[
 
 
 def bundled_model_dir() -> str:
-  """Filesystem path of the weights shipped as package data (pagedjax/assets)."""
+  """Filesystem path of the weights shipped as package data (pagedjax/weights/assets)."""
   # Next to this file rather than importlib.resources.files("pagedjax"): the latter fails
   # when pagedjax resolves as a namespace package (e.g. a stale editable install).
   return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
