@@ -11,7 +11,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pagedjax import cli
+from pagedjax.entrypoints import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),

@@ -9,7 +9,7 @@ Layers, in the one direction data flows:
 
 from pagedjax.core.block_allocator import BlockAllocator
 from pagedjax.core.block_manager import BlockManager, NoFreeBlocksError, SequenceStateError
-from pagedjax.engine import LLM
+from pagedjax.entrypoints.llm import LLM
 from pagedjax.outputs import CompletionOutput, RequestOutput
 from pagedjax.sampling_params import SamplingParams
 

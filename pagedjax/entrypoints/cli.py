@@ -9,7 +9,7 @@ import time
 
 import ml_collections
 
-from pagedjax.engine import LLM
+from pagedjax.entrypoints.llm import LLM
 from pagedjax.sampling_params import SamplingParams
 
 

@@ -1,0 +1,1 @@
+"""Entry points: the vLLM-shaped `LLM` engine API and what `main.py` runs."""
