@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from flax import nnx
 
 from pagedjax.weights import checkpoint as ckpt
 from pagedjax.runner import model as M
-from pagedjax.weights.tokenizer import ByteTokenizer
+from pagedjax.weights.tokenizer import ByteTokenizer, TokenIdTokenizer
 
 TINY = M.ModelConfig(
   vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, hidden_dim=48,
@@ -98,3 +99,80 @@ def test_load_dispatches_project_format_and_rejects_bad_dirs(tmp_path):
   (tmp_path / "empty" / "config.json").write_text(json.dumps([1, 2]))
   with pytest.raises(ValueError, match="config.json: expected a JSON object"):
     ckpt.load(tmp_path / "empty")
+
+
+def _saved(tmp_path, model_changes=None):
+  """A project-format directory of `random_model()`, its "model" section changed."""
+  ckpt.save_model(tmp_path / "m", TINY, random_model())
+  path = tmp_path / "m" / "config.json"
+  doc = json.loads(path.read_text())
+  if model_changes is not None:
+    doc["model"] = None if model_changes == "NULL" else {**doc["model"], **model_changes}
+  path.write_text(json.dumps(doc))
+  return tmp_path / "m"
+
+
+@pytest.mark.parametrize(
+  ("changes", "message"),
+  [("NULL", r"config\.json: model must be an object.*None"),
+   ({"num_layers": True}, r"config\.json: model\.num_layers .*True"),
+   ({"vocab_size": "64"}, r"config\.json: model\.vocab_size .*'64'"),
+   ({"head_dim": 8.0}, r"config\.json: model\.head_dim .*8\.0"),
+   ({"rope_theta": float("nan")}, r"config\.json: model\.rope_theta .*nan"),
+   ({"norm_eps": -1.0}, r"config\.json: model\.norm_eps .*-1\.0"),
+   ({"tie_embeddings": 1}, r"config\.json: model\.tie_embeddings .*1"),
+   ({"dtype": 3}, r"config\.json: model\.dtype .*3"),
+   ({"rope_scaling": "x"}, r"config\.json: model\.rope_scaling .*'x'"),
+   ({"rope_scaling": {"factor": "8"}}, r"config\.json: model\.rope_scaling\.factor .*'8'"),
+   ({"num_kv_heads": 3}, r"config\.json: model: num_heads=4 is not a multiple of num_kv_heads=3"),
+   ({"colour": "red"}, r"config\.json: model: unknown ModelConfig keys: \['colour'\]")],
+)  # fmt: skip
+def test_project_format_bad_model_section_names_file_and_key(tmp_path, changes, message):
+  directory = _saved(tmp_path, changes)
+  with pytest.raises(ValueError, match=message):
+    ckpt.load(directory)
+
+
+def test_project_format_files_must_resolve_inside_the_directory(tmp_path):
+  directory = _saved(tmp_path)
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  (directory / "model.safetensors").rename(outside / "model.safetensors")
+  (directory / "model.safetensors").symlink_to(outside / "model.safetensors")
+  with pytest.raises(ValueError, match=r"m/model\.safetensors resolves to .*outside"):
+    ckpt.load(directory)
+  (directory / "config.json").unlink()
+  (directory / "config.json").symlink_to(directory / "config.json")
+  with pytest.raises(ValueError, match=r"m/config\.json: symlink loop"):
+    ckpt.load(directory)
+
+
+def test_project_format_non_finite_or_non_float_weights_are_refused(tmp_path):
+  directory = _saved(tmp_path)
+  weights = str(directory / "model.safetensors")
+  arrays = safetensors.numpy.load_file(weights)
+  bad = arrays["final_norm.scale"].copy()
+  bad[5] = np.inf
+  safetensors.numpy.save_file({**arrays, "final_norm.scale": bad}, weights)
+  message = r"tensor 'final_norm\.scale' has 1 non-finite .*inf.*index \(5,\)"
+  with pytest.raises(ValueError, match=message):
+    ckpt.load(directory)
+  ints = arrays["final_norm.scale"].astype(np.int32)
+  safetensors.numpy.save_file({**arrays, "final_norm.scale": ints}, weights)
+  with pytest.raises(ValueError, match=r"tensor 'final_norm\.scale' has dtype int32"):
+    ckpt.load(directory)
+
+
+def test_skip_tokenizer_init_gives_the_byte_ids_without_text(tmp_path):
+  cfg, _, tok = ckpt.load(_saved(tmp_path), skip_tokenizer_init=True)
+  assert isinstance(tok, TokenIdTokenizer) and not tok.has_text and cfg == TINY
+  byte = ByteTokenizer()
+  assert (tok.vocab_size, tok.eos_token_ids, tok.bos_id) == (
+    byte.vocab_size, byte.eos_token_ids, byte.bos_id,
+  )  # fmt: skip
+  with pytest.raises(ValueError, match=r"skip_tokenizer_init=True.*only token-id prompts"):
+    tok.encode("x")
+  with pytest.raises(TypeError, match="skip_tokenizer_init must be a bool"):
+    ckpt.load(tmp_path / "m", skip_tokenizer_init="yes")
+  with pytest.raises(TypeError, match="max_seq_len must be an int"):
+    ckpt.load(tmp_path / "m", max_seq_len=16.0)

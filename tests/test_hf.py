@@ -7,6 +7,7 @@ tensor against the stored arrays, and through the paged engine against the dense
 
 import json
 import os
+import re
 import shutil
 
 import ml_dtypes
@@ -20,6 +21,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from pagedjax import LLM, SamplingParams
 from pagedjax.weights import checkpoint, hf
 from pagedjax.runner.model import dense_forward, greedy_generate_dense
+from pagedjax.weights.tokenizer import ByteTokenizer
 
 SENTENCES = [
   "The quick brown fox jumps over the lazy dog.",
@@ -295,7 +297,7 @@ def test_tokenizer_round_trip_bos_and_eos(checkpoints):
   text = "Hello, paged world: ünïcödé ✓\n  def f(): pass"
   toks = {case: checkpoint.load(checkpoints[case][0])[2] for case in CASES}
   for tok in toks.values():
-    assert isinstance(tok, hf.HFTokenizer) and tok.vocab_size == 300
+    assert isinstance(tok, hf.HFTokenizer) and tok.vocab_size == 300 and tok.has_text
     ids = tok.encode(text)
     assert tok.decode(ids) == text and all(0 <= i < 300 for i in ids)
     assert tok.encode(text, add_bos=False) == [i for i in ids if i != 0]
@@ -336,7 +338,6 @@ def test_sliding_window_shorter_than_context_is_refused_unless_context_fits(chec
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 BAD_CASES = {  # name: (_broken kwargs, message)
   "missing weights": ({"drop": ["model.safetensors"]}, "no model.safetensors or model.saf"),
-  "missing tokenizer": ({"drop": ["tokenizer.json"]}, "tokenizer.json not found"),
   "missing shard": (
     {"case": "mistral", "drop": ["model-00002-of-00003.safetensors"]}, "00002-of-00003.* not found"
   ),
@@ -361,3 +362,291 @@ def test_bad_checkpoint_raises_value_error_naming_the_culprit(checkpoints, tmp_p
   kwargs, message = BAD_CASES[name]
   with pytest.raises(ValueError, match=message):
     checkpoint.load(_broken(checkpoints, tmp_path, **kwargs))
+
+
+# ------------------------------------------------------------------ files the loader opens
+def _symlink(target, link):
+  try:
+    os.symlink(target, link)
+  except (OSError, NotImplementedError) as e:  # e.g. a filesystem without symlinks
+    pytest.skip(f"this filesystem refuses symlinks: {e}")
+
+
+def _rewrite_index(directory, fn):
+  path = os.path.join(directory, "model.safetensors.index.json")
+  with open(path) as fh:
+    index = json.load(fh)
+  index["weight_map"] = {k: fn(v) for k, v in index["weight_map"].items()}
+  with open(path, "w") as fh:
+    json.dump(index, fh)
+
+
+SHARD2 = "model-00002-of-00003.safetensors"
+# name: (set up `outside` (a directory next to the checkpoint holding x.safetensors, a
+# valid copy of shard 2) inside `directory`, the weight_map entry that replaces shard 2)
+ESCAPES = {
+  "dot-dot": (None, "../outside/x.safetensors"),
+  "absolute": (None, "ABSOLUTE"),
+  "subdirectory escape": ("mkdir sub", "sub/../../outside/x.safetensors"),
+  "symlinked file": ("link link.safetensors -> outside/x.safetensors", "link.safetensors"),
+  "symlinked directory": ("link linkdir -> outside", "linkdir/x.safetensors"),
+}
+
+
+@pytest.mark.parametrize("name", list(ESCAPES))
+def test_index_entry_resolving_outside_the_checkpoint_is_refused(checkpoints, tmp_path, name):
+  setup, entry = ESCAPES[name]
+  directory = _broken(checkpoints, tmp_path, "mistral")
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  shutil.move(os.path.join(directory, SHARD2), outside / "x.safetensors")
+  if entry == "ABSOLUTE":
+    entry = str(outside / "x.safetensors")
+  if setup == "mkdir sub":
+    os.mkdir(os.path.join(directory, "sub"))
+  elif setup is not None:
+    link, target = setup.removeprefix("link ").split(" -> ")
+    _symlink(tmp_path / target, os.path.join(directory, link))
+  _rewrite_index(directory, lambda v: entry if v == SHARD2 else v)
+  message = rf"weight_map entry .*{re.escape(repr(entry))}.*(outside|absolute)"
+  with pytest.raises(ValueError, match=message):
+    checkpoint.load(directory)
+
+
+def test_index_entries_in_subdirectories_and_inner_symlinks_are_accepted(checkpoints, tmp_path):
+  directory = _broken(checkpoints, tmp_path, "mistral")
+  os.mkdir(os.path.join(directory, "sub"))
+  shutil.move(os.path.join(directory, SHARD2), os.path.join(directory, "sub", "x.safetensors"))
+  _symlink("sub", os.path.join(directory, "alias"))  # a directory symlink that stays inside
+  _rewrite_index(directory, lambda v: "alias/../sub/x.safetensors" if v == SHARD2 else v)
+  want = checkpoint.flat_params(checkpoint.load(checkpoints["mistral"][0])[1])
+  got = checkpoint.flat_params(checkpoint.load(directory)[1])
+  assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize(
+  "file",
+  ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+   "generation_config.json"],
+)  # fmt: skip
+def test_any_file_symlinked_out_of_the_checkpoint_is_refused(checkpoints, tmp_path, file):
+  directory = _broken(checkpoints, tmp_path, "llama")
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  shutil.move(os.path.join(directory, file), outside / file)
+  _symlink(outside / file, os.path.join(directory, file))
+  with pytest.raises(ValueError, match=rf"llama/{re.escape(file)} resolves to .*outside"):
+    checkpoint.load(directory)
+
+
+def test_hub_cache_snapshot_symlinks_into_its_blobs_are_accepted(checkpoints, tmp_path):
+  """The Hugging Face cache layout: snapshots/<rev>/<file> -> ../../blobs/<hash>."""
+  repo = tmp_path / "models--org--tiny"
+  (repo / "blobs").mkdir(parents=True)
+  snapshot = repo / "snapshots" / "0123abc"
+  snapshot.mkdir(parents=True)
+  for i, file in enumerate(sorted(os.listdir(checkpoints["llama"][0]))):
+    shutil.copy(os.path.join(checkpoints["llama"][0], file), repo / "blobs" / f"blob{i}")
+    _symlink(f"../../blobs/blob{i}", snapshot / file)
+  cfg, _, tok = checkpoint.load(snapshot)
+  assert cfg.vocab_size == 320 and tok.has_text and tok.eos_token_ids == (1, 5)
+  (tmp_path / "elsewhere.json").write_text("{}")  # outside the repo's blobs: still refused
+  os.remove(snapshot / "tokenizer_config.json")
+  os.symlink(tmp_path / "elsewhere.json", snapshot / "tokenizer_config.json")
+  with pytest.raises(ValueError, match="tokenizer_config.json resolves to .*outside"):
+    checkpoint.load(snapshot)
+
+
+LOOPS = {  # name: (file made a loop, message)
+  "config.json to itself": ("config.json", None),
+  "tokenizer.json to itself": ("tokenizer.json", None),
+  "model.safetensors cycle": ("model.safetensors", "cycle"),
+  "shard to itself": (SHARD2, None),
+}
+
+
+@pytest.mark.parametrize("name", list(LOOPS))
+def test_symlink_loop_is_a_value_error_naming_the_file(checkpoints, tmp_path, name):
+  file, kind = LOOPS[name]
+  directory = _broken(checkpoints, tmp_path, "mistral" if file == SHARD2 else "llama")
+  path = os.path.join(directory, file)
+  os.remove(path)
+  if kind == "cycle":
+    _symlink(os.path.join(directory, "other"), path)
+    _symlink(path, os.path.join(directory, "other"))
+  else:
+    _symlink(path, path)
+  with pytest.raises(ValueError, match=rf"{re.escape(path)}: symlink loop"):
+    checkpoint.load(directory)
+
+
+# ------------------------------------------------------------------ config values
+def _bad_value_message(key, value):
+  return rf"config\.json: {re.escape(key)} .*{re.escape(repr(value))}"
+
+
+BAD_VALUES = {  # (config.json key, bad value) for the llama case
+  "hidden_size": "32",
+  "num_attention_heads": 0,
+  "num_hidden_layers": -1,
+  "vocab_size": 3.5,
+  "intermediate_size": 0,
+  "num_key_value_heads": "2",
+  "max_position_embeddings": True,
+  "head_dim": -8,
+  "rms_norm_eps": "x",
+  "rope_theta": 0,
+  "tie_word_embeddings": "yes",
+  "attention_bias": "false",
+  "mlp_bias": 1,
+  "bos_token_id": "0",
+  "eos_token_id": 320,
+}
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_VALUES.items(), ids=list(BAD_VALUES))
+def test_config_value_of_wrong_type_or_range_names_file_key_and_value(
+  checkpoints, tmp_path, key, value
+):
+  with pytest.raises(ValueError, match=_bad_value_message(key, value)):
+    checkpoint.load(_broken(checkpoints, tmp_path, config={key: value}))
+
+
+BAD_CONFIGS = {  # name: (case, config.json changes, message)
+  "negative eps": ("llama", {"rms_norm_eps": -1e-6}, _bad_value_message("rms_norm_eps", -1e-6)),
+  "nan theta": ("qwen3", {"rope_theta": float("nan")}, _bad_value_message("rope_theta", float("nan"))),
+  "inf eps": ("llama", {"rms_norm_eps": float("inf")}, _bad_value_message("rms_norm_eps", float("inf"))),
+  "kv heads do not divide": (
+    "llama", {"num_key_value_heads": 3}, r"config\.json: num_attention_heads=4 .*num_key_value_heads=3"
+  ),
+  "odd head_dim": ("qwen3", {"head_dim": 15}, r"config\.json: head_dim=15 must be even"),
+  "rope_parameters not a dict": (
+    "qwen2", {"rope_parameters": "x"}, _bad_value_message("rope_parameters", "x")
+  ),
+  "rope theta in rope_parameters": (
+    "qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
+    _bad_value_message("rope_parameters.rope_theta", -1.0),
+  ),
+  "llama3 factor": (
+    "llama", {"rope_scaling": {**LLAMA3, "factor": "8"}}, _bad_value_message("rope_scaling.factor", "8")
+  ),
+  "llama3 original context": (
+    "llama", {"rope_scaling": {**LLAMA3, "original_max_position_embeddings": 32.5}},
+    _bad_value_message("rope_scaling.original_max_position_embeddings", 32.5),
+  ),
+  "llama3 frequency order": (
+    "llama", {"rope_scaling": {**LLAMA3, "low_freq_factor": 4.0, "high_freq_factor": 1.0}},
+    r"config\.json: rope_scaling\.high_freq_factor .*low_freq_factor",
+  ),
+  "sliding window": ("mistral", {"sliding_window": "16"}, _bad_value_message("sliding_window", "16")),
+  "use_sliding_window": (
+    "qwen2", {"use_sliding_window": "no"}, _bad_value_message("use_sliding_window", "no")
+  ),
+  "architectures not a list": ("llama", {"architectures": 7}, r"config\.json: architectures 7"),
+  "eos id list": ("mistral", {"eos_token_id": [1, "2"]}, _bad_value_message("eos_token_id", "2")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_bad_config_values_name_file_and_key(checkpoints, tmp_path, name):
+  case, config, message = BAD_CONFIGS[name]
+  with pytest.raises(ValueError, match=message):
+    checkpoint.load(_broken(checkpoints, tmp_path, case, config=config))
+
+
+@pytest.mark.parametrize(
+  ("file", "doc", "message"),
+  [
+    ("generation_config.json", {"eos_token_id": -1}, "generation_config.json: eos_token_id .*-1"),
+    ("generation_config.json", [1], "generation_config.json: expected a JSON object"),
+    ("tokenizer_config.json", {"add_bos_token": "yes"}, "tokenizer_config.json: add_bos_token .*'yes'"),
+    ("tokenizer_config.json", {"bos_token": 3}, "tokenizer_config.json: bos_token .*3"),
+  ],
+)  # fmt: skip
+def test_bad_tokenizer_side_json_names_file_and_key(checkpoints, tmp_path, file, doc, message):
+  directory = _broken(checkpoints, tmp_path)
+  with open(os.path.join(directory, file), "w") as fh:
+    json.dump(doc, fh)
+  with pytest.raises(ValueError, match=message):
+    checkpoint.load(directory)
+
+
+@pytest.mark.parametrize(
+  "content", [b"\x80\x81\xfe\xff\x00binary", b'{"vocab_size": ', b'"a string"', b"null"]
+)
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors.index.json"])
+def test_unreadable_or_non_object_json_names_the_file(checkpoints, tmp_path, file, content):
+  directory = _broken(checkpoints, tmp_path, "mistral")
+  with open(os.path.join(directory, file), "wb") as fh:
+    fh.write(content)
+  with pytest.raises(ValueError, match=rf"mistral/{re.escape(file)}: (cannot read|expected a JSON object)"):
+    checkpoint.load(directory)
+
+
+# ------------------------------------------------------------------ weight values
+K1 = "model.layers.1.self_attn.k_proj.weight"
+
+
+def _with_bad_value(array, value, at):
+  array = array.copy()
+  array[at] = value
+  return array
+
+
+@pytest.mark.parametrize(
+  ("case", "tensor", "value"),
+  [("llama", Q0, np.nan), ("llama", "model.embed_tokens.weight", np.inf),
+   ("qwen2", "model.norm.weight", -np.inf), ("qwen3", "lm_head.weight", np.nan)],
+)  # fmt: skip
+def test_non_finite_weight_is_refused_naming_the_tensor(checkpoints, tmp_path, case, tensor, value):
+  stored = checkpoints[case][1][tensor]
+  bad = _with_bad_value(stored, value, (0,) * (stored.ndim - 1) + (3,))
+  directory = _broken(checkpoints, tmp_path, case, tensors={tensor: bad})
+  where = f"index {(0,) * (stored.ndim - 1) + (3,)}"
+  with pytest.raises(ValueError, match=rf"'{re.escape(tensor)}' has 1 non-finite .*{value}.*{re.escape(where)}"):
+    checkpoint.load(directory)
+
+
+def test_non_finite_weight_in_a_shard_is_refused_naming_shard_and_tensor(checkpoints, tmp_path):
+  directory = _broken(checkpoints, tmp_path, "mistral")
+  path = os.path.join(directory, SHARD2)
+  shard = safetensors.numpy.load_file(path)
+  name = sorted(shard)[0]
+  shard[name] = _with_bad_value(shard[name], np.nan, (0,) * shard[name].ndim)
+  safetensors.numpy.save_file(shard, path)
+  with pytest.raises(ValueError, match=rf"{re.escape(SHARD2)}: tensor '{re.escape(name)}' has 1 non-finite"):
+    checkpoint.load(directory)
+
+
+# ------------------------------------------------------------------ without a tokenizer
+def _check_token_id_tokenizer(tok, message):
+  assert not tok.has_text and tok.vocab_size == 320 and tok.eos_token_ids == (1, 5)
+  with pytest.raises(ValueError, match=message):
+    tok.encode("Hello")
+  assert tok.decode([3, 4, 5]) == "" and tok.decode([]) == ""
+
+
+def test_checkpoint_without_tokenizer_json_loads_for_token_id_prompts(checkpoints, tmp_path):
+  directory = _broken(checkpoints, tmp_path, drop=["tokenizer.json", "tokenizer_config.json"])
+  cfg, module, tok = checkpoint.load(directory)
+  _check_token_id_tokenizer(tok, r"no tokenizer\.json.*only token-id prompts")
+  want = checkpoint.flat_params(checkpoint.load(checkpoints["llama"][0])[1])
+  assert all(np.array_equal(v, want[k]) for k, v in checkpoint.flat_params(module).items())
+  with pytest.raises(ValueError, match="tokenizer.json not found"):  # asked for directly
+    hf.HFTokenizer.from_dir(directory, cfg)
+
+
+def test_skip_tokenizer_init_never_reads_the_tokenizer(checkpoints, tmp_path):
+  directory = _broken(checkpoints, tmp_path)
+  with open(os.path.join(directory, "tokenizer.json"), "wb") as fh:
+    fh.write(b"\x00 not a tokenizer")
+  with pytest.raises(ValueError, match="cannot load tokenizer"):
+    checkpoint.load(directory)
+  _, _, tok = checkpoint.load(directory, skip_tokenizer_init=True)
+  _check_token_id_tokenizer(tok, r"skip_tokenizer_init=True.*only token-id prompts")
+
+
+def test_every_tokenizer_says_whether_it_has_text(checkpoints):
+  assert ByteTokenizer.has_text and ByteTokenizer().has_text
+  assert checkpoint.load(checkpoints["qwen3"][0])[2].has_text
+  assert hf.HFTokenizer.has_text and not hf.TokenIdTokenizer.has_text

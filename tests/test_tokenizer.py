@@ -2,7 +2,7 @@
 
 import pytest
 
-from pagedjax.weights.tokenizer import ByteTokenizer
+from pagedjax.weights.tokenizer import ByteTokenizer, TokenIdTokenizer
 
 TOK = ByteTokenizer()
 
@@ -37,3 +37,14 @@ def test_bad_inputs_raise():
     TOK.decode([-1])
   with pytest.raises(TypeError, match="bytes"):
     TOK.encode(b"abc")
+
+
+def test_token_id_tokenizer_has_no_text():
+  assert TOK.has_text and not TokenIdTokenizer.has_text
+  tok = TokenIdTokenizer(vocab_size=10, eos_token_ids=[2, 3], bos_id=1, reason="no tokenizer.json")
+  assert (tok.vocab_size, tok.eos_token_ids, tok.bos_id, tok.add_bos) == (10, (2, 3), 1, False)
+  with pytest.raises(ValueError, match=r"no tokenizer \(no tokenizer\.json\).*token-id prompts"):
+    tok.encode("hello")
+  assert tok.decode([0, 5, 9]) == "" and tok.decode([]) == ""
+  with pytest.raises(ValueError, match="10"):
+    tok.decode([10])

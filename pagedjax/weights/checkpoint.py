@@ -8,10 +8,15 @@ the project's format, or a Hugging Face checkpoint directory (pagedjax.weights.h
 
 The tokenizer interface the engine relies on: `encode(text) -> list[int]` (BOS as the
 model expects), `decode(ids) -> str` (special tokens skipped), `vocab_size` (valid
-input ids are [0, vocab_size)) and `eos_token_ids` (ids that end generation).
+input ids are [0, vocab_size)), `eos_token_ids` (ids that end generation) and `has_text`
+(False for a `TokenIdTokenizer`: token-id prompts only, `encode` raises, `decode` gives "").
 
-What it does not do: download anything, or hold two full copies of a model: tensors are
-read and converted one at a time.
+Loading checks what it reads as pagedjax.weights.hf does: files must resolve inside the
+model directory (`hf.resolve`), config values are type and range checked, weights must be
+finite floats; anything else raises ValueError naming the file, key or tensor.
+
+What it does not do: download anything, unpickle anything, or hold two full copies of a
+model: tensors are read and converted one at a time.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ import safetensors.numpy
 from flax import nnx
 
 from pagedjax.weights import hf
-from pagedjax.runner.model import ModelConfig, Transformer
-from pagedjax.weights.tokenizer import ByteTokenizer
+from pagedjax.runner.model import Llama3RopeScaling, ModelConfig, Transformer
+from pagedjax.weights.tokenizer import ByteTokenizer, TokenIdTokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -108,11 +113,59 @@ def load_model(path: str | os.PathLike) -> tuple[ModelConfig, Transformer, dict[
 
   Returns:
     (config, model, the whole config.json document including metadata sections).
+
+  Raises:
+    ValueError: a file missing or outside `path`, a bad "model" value (named), a tensor
+      that is not a float or not finite (named).
   """
   doc = hf.read_json(path, CONFIG_FILE)
-  cfg = ModelConfig.from_dict(doc["model"])
-  arrays = safetensors.numpy.load_file(os.path.join(path, WEIGHTS_FILE))
+  cfg = model_config(doc, os.path.join(path, CONFIG_FILE))
+  weights = os.path.join(path, WEIGHTS_FILE)
+  real = hf.resolve(path, WEIGHTS_FILE)
+  try:
+    arrays = safetensors.numpy.load_file(real)
+  except Exception as e:  # SafetensorError is not exported under a stable name
+    raise ValueError(f"{weights}: not a readable safetensors file ({e})") from e
+  for key, array in arrays.items():
+    if str(array.dtype) not in STORAGE_DTYPES:
+      raise ValueError(
+        f"{weights}: tensor {key!r} has dtype {array.dtype}, expected one of {STORAGE_DTYPES}"
+      )
+    hf.check_finite(array, f"{weights}: tensor {key!r}")
   return cfg, model_from_arrays(cfg, arrays), doc
+
+
+def model_config(doc: dict[str, Any], file: str) -> ModelConfig:
+  """The `ModelConfig` in config.json's "model" section, each value type and range checked.
+
+  Raises:
+    ValueError: "<file>: model.<key> must be ..., got <value>" (or the section itself).
+  """
+  section = doc.get("model")
+  if not isinstance(section, dict):
+    raise ValueError(f"{file}: model must be an object (a ModelConfig), got {section!r}")
+  for field in dataclasses.fields(ModelConfig):
+    if field.name not in section:
+      continue  # from_dict takes the default
+    key, value, default = f"model.{field.name}", section[field.name], field.default
+    if isinstance(default, bool):
+      hf.check_bool(file, key, value)
+    elif isinstance(default, int):
+      hf.check_int(file, key, value)
+    elif isinstance(default, float):
+      hf.check_float(file, key, value)
+    elif isinstance(default, str) and not isinstance(value, str):
+      raise ValueError(f"{file}: {key} must be a string, got {value!r}")
+    elif field.name == "rope_scaling" and value is not None:
+      if not isinstance(value, dict):
+        raise ValueError(f"{file}: {key} must be an object or null, got {value!r}")
+      for name in (f.name for f in dataclasses.fields(Llama3RopeScaling) if f.name in value):
+        check = hf.check_int if name == "original_max_len" else hf.check_float
+        check(file, f"{key}.{name}", value[name])
+  try:
+    return ModelConfig.from_dict(section)
+  except (TypeError, ValueError) as e:  # unknown keys, inconsistent values
+    raise ValueError(f"{file}: model: {e}") from e
 
 
 def bundled_model_dir() -> str:
@@ -128,7 +181,12 @@ def load_bundled_model() -> tuple[ModelConfig, Transformer]:
   return cfg, model
 
 
-def load(path: str | os.PathLike | None = None, *, max_seq_len: int | None = None):
+def load(
+  path: str | os.PathLike | None = None,
+  *,
+  max_seq_len: int | None = None,
+  skip_tokenizer_init: bool = False,
+):
   """Loads a model and its tokenizer for the engine.
 
   Args:
@@ -137,33 +195,53 @@ def load(path: str | os.PathLike | None = None, *, max_seq_len: int | None = Non
     max_seq_len: context length (default: the model's; for a Hugging Face checkpoint
       its max_position_embeddings capped at `hf.DEFAULT_MAX_SEQ_LEN`). A project-format
       model can only be limited below the context it was built for.
+    skip_tokenizer_init: return a `TokenIdTokenizer` (token-id prompts only) without
+      reading tokenizer.json / tokenizer_config.json; vocab_size and the BOS / EOS ids
+      come from the model's config (and generation_config.json).
 
   Returns:
     (ModelConfig, Transformer, tokenizer): a `ByteTokenizer` for the project's format,
-    a `hf.HFTokenizer` for a Hugging Face checkpoint.
+    a `hf.HFTokenizer` for a Hugging Face checkpoint (a `TokenIdTokenizer` for one
+    without tokenizer.json), a `TokenIdTokenizer` for any with `skip_tokenizer_init`.
 
   Raises:
-    ValueError: naming the directory, file, key or tensor that is missing or unsupported.
+    ValueError: naming the directory, file, key or tensor that is missing, unsupported,
+      out of range or outside the model directory.
+    TypeError: `skip_tokenizer_init` is not a bool, `max_seq_len` not an int or None.
   """
+  if not isinstance(skip_tokenizer_init, bool):
+    raise TypeError(f"skip_tokenizer_init must be a bool, got {skip_tokenizer_init!r}")
   if path is None:
     cfg, module = load_bundled_model()
-    return _limit_context(cfg, max_seq_len), module, ByteTokenizer()
+    return _limit_context(cfg, max_seq_len), module, _byte_tokenizer(skip_tokenizer_init)
   if not os.path.isdir(path):
     raise ValueError(f"model directory {os.fspath(path)!r} does not exist")
   doc = hf.read_json(path, CONFIG_FILE)
   if "model" in doc:
     cfg, module, _ = load_model(path)
-    return _limit_context(cfg, max_seq_len), module, ByteTokenizer()
+    return _limit_context(cfg, max_seq_len), module, _byte_tokenizer(skip_tokenizer_init)
   cfg = hf.config_from_hf(doc, max_seq_len=max_seq_len)
-  tokenizer = hf.HFTokenizer.from_dir(path, cfg)
+  tokenizer = hf.tokenizer_from_dir(path, cfg, skip_tokenizer_init=skip_tokenizer_init)
   with hf.HFWeights(path, cfg) as arrays:
     module = model_from_arrays(cfg, arrays)
   return cfg, module, tokenizer
 
 
+def _byte_tokenizer(skip_tokenizer_init: bool) -> ByteTokenizer | TokenIdTokenizer:
+  """The project format's tokenizer, or its token-ids-only stand-in (same ids)."""
+  if not skip_tokenizer_init:
+    return ByteTokenizer()
+  return TokenIdTokenizer(
+    vocab_size=ByteTokenizer.vocab_size, eos_token_ids=ByteTokenizer.eos_token_ids,
+    bos_id=ByteTokenizer.bos_id, reason="loaded with skip_tokenizer_init=True",
+  )  # fmt: skip
+
+
 def _limit_context(cfg: ModelConfig, max_seq_len: int | None) -> ModelConfig:
   if max_seq_len is None:
     return cfg
+  if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int):
+    raise TypeError(f"max_seq_len must be an int or None, got {max_seq_len!r}")
   if not 1 <= max_seq_len <= cfg.max_seq_len:
     raise ValueError(f"max_seq_len={max_seq_len} must be in [1, {cfg.max_seq_len}] for this model")
   return dataclasses.replace(cfg, max_seq_len=max_seq_len)
