@@ -1,6 +1,7 @@
 """Stateful property test: random allocate / append / fork / free / swap runs.
 
-A hypothesis state machine drives a small BlockManager against a reference
+A hypothesis state machine drives a small BlockManager (allocate, append one token or a
+chunk, fork, fork a prefix, free, swap) against a reference
 model made of plain dicts: each sequence's token list, where it lives, its fork
 family, and fake device / host page memory `(block, offset) -> token`. Every
 act's copy ops (COW, swaps) are executed on that fake memory and every token is
@@ -135,6 +136,88 @@ class BlockManagerMachine(RuleBasedStateMachine):
     tok = self._fresh_tokens(1)[0]
     self.mem[False][(ref.block_id, ref.offset)] = tok
     self.tokens[sid].append(tok)
+
+  @rule(data=st.data(), num_new=st.integers(0, 9))
+  def append_chunk(self, data, num_new):
+    """append_slots: a prefill chunk of num_new tokens (COW first if the last block is shared)."""
+    sid = self._pick(data)
+    if sid is None:
+      return
+    if self.swapped[sid]:
+      self._expect_failure(lambda: self.bm.append_slots(sid, num_new), SequenceStateError,
+                           repr(sid))
+      return
+    n = len(self.tokens[sid])
+    table = self.bm.block_table(sid)
+    cow = num_new > 0 and n % self.bs != 0 and self._holders(False)[table[-1]] > 1
+    needs = -(-(n + num_new) // self.bs) - len(table) + cow
+    assert self.bm.blocks_to_append(sid, num_new) == needs
+    fits = needs <= self._free(False)
+    assert self.bm.can_append(sid, num_new) == fits
+    if not fits:
+      event("append_chunk: pool full")
+      self._expect_failure(lambda: self.bm.append_slots(sid, num_new), NoFreeBlocksError,
+                           repr(sid))
+      return
+    op = self.bm.append_slots(sid, num_new)
+    assert (op is not None) == cow
+    if op is not None:
+      event("append_chunk: copy-on-write")
+      assert op[0] == table[-1]
+      self._copy(False, op[0], False, op[1])
+    slots = self.bm.slot_mapping(sid, n, n + num_new).tolist()
+    for slot, tok in zip(slots, self._fresh_tokens(num_new)):
+      block, offset = divmod(slot, self.bs)
+      assert self.bm.device_allocator.ref_count(block) == 1  # never a shared block
+      self.mem[False][(block, offset)] = tok
+      self.tokens[sid].append(tok)
+
+  @rule(data=st.data(), num_new=st.integers(0, 3))
+  def append_family(self, data, num_new):
+    """A fork family appends together (a decode step): blocks_to_append_all is exact."""
+    sid = self._pick(data, swapped=False)
+    if sid is None:
+      return
+    family = [s for s, sw in sorted(self.swapped.items())
+              if not sw and self.family[s] == self.family[sid]]
+    need = self.bm.blocks_to_append_all((s, num_new) for s in family)
+    free = self._free(False)
+    if need > free:
+      event("append_family: pool full")
+      return
+    for s in family:
+      n = len(self.tokens[s])
+      op = self.bm.append_slots(s, num_new)
+      if op is not None:
+        self._copy(False, op[0], False, op[1])
+      for slot, tok in zip(self.bm.slot_mapping(s, n, n + num_new).tolist(),
+                           self._fresh_tokens(num_new)):
+        assert self.bm.device_allocator.ref_count(slot // self.bs) == 1
+        self.mem[False][divmod(slot, self.bs)] = tok
+        self.tokens[s].append(tok)
+    assert free - self._free(False) == need  # exactly what was predicted
+    if len(family) > 1 and need < sum(1 for _ in family):
+      event("append_family: last holder kept the shared block")
+
+  @rule(data=st.data(), num_blocks=st.integers(0, 4))
+  def fork_prefix(self, data, num_blocks):
+    """fork_prefix: a new sequence shares the parent's first full blocks."""
+    parent = self._pick(data)
+    if parent is None:
+      return
+    child = self._new_id()
+    if self.swapped[parent]:
+      self._expect_failure(lambda: self.bm.fork_prefix(parent, child, max(num_blocks, 1)),
+                           SequenceStateError, repr(parent))
+      return
+    full = len(self.tokens[parent]) // self.bs
+    if not 1 <= num_blocks <= full:
+      self._expect_failure(lambda: self.bm.fork_prefix(parent, child, num_blocks), ValueError,
+                           "num_blocks")
+      return
+    self.bm.fork_prefix(parent, child, num_blocks)
+    self.tokens[child] = self.tokens[parent][:num_blocks * self.bs]
+    self.swapped[child], self.family[child] = False, self.family[parent]
 
   @rule(data=st.data())
   def fork(self, data):
@@ -277,7 +360,7 @@ def test_machine_catches_injected_bugs(bug, monkeypatch):
     def append_slot(self, seq_id):  # writes into a shared block without copying it
       seq = self._get_resident(seq_id)
       if seq.num_tokens % self.block_size == 0:
-        seq.table.append(self._allocate_device_block(seq_id))
+        seq.table.append(self.device_allocator.allocate())
       seq.num_tokens += 1
       return bm_module.SlotRef(seq.table[-1], (seq.num_tokens - 1) % self.block_size, None)
     monkeypatch.setattr(bm_module.BlockManager, "append_slot", append_slot)

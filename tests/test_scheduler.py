@@ -1,118 +1,233 @@
-"""Scheduler policy on the host only (no model): admission, decode, preemption, swap-in."""
+"""Scheduler policy on the host only (no model): packed steps, chunks, preemption, liveness.
 
+A fake device answers every sample row with a token derived from the row's sequence
+(and, for beams, K candidates with made-up logprobs), so these tests run the real
+scheduler + block manager for thousands of steps in seconds.
+"""
+
+import os
+
+import hypothesis.strategies as st
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from pagedjax.core.block_manager import BlockManager
-from pagedjax.sampling_params import SamplingParams
-from pagedjax.core.scheduler import Scheduler
+from pagedjax.core.scheduler import Scheduler, StepResult, max_blocks_needed
 from pagedjax.core.sequence import SequenceGroup, SequenceStatus
+from pagedjax.sampling_params import SamplingParams
+
+EOS = 0
+K = 16
 
 
-def _group(i, prompt_len):
-  return SequenceGroup(f"r{i}", list(range(1, prompt_len + 1)), SamplingParams(), arrival=i, seed=i)
+def _group(i, prompt_len, **params):
+  params.setdefault("max_tokens", 8)
+  params.setdefault("ignore_eos", True)
+  return SequenceGroup(f"r{i}", list(range(1, prompt_len + 1)), SamplingParams(**params),
+                       arrival=i, seed=i)
 
 
-def _run_step(sched):
-  """One scheduled step, with a dummy token appended to every row (what the engine does)."""
+def _make(num_blocks=8, block_size=4, host=8, mode="recompute", max_num_seqs=4, budget=64,
+          max_model_len=512, chunked=True):
+  bm = BlockManager(num_blocks, block_size, host, watermark=0.01)
+  return bm, Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                       max_model_len=max_model_len, eos_token_ids=(EOS,), preemption_mode=mode,
+                       enable_chunked_prefill=chunked)
+
+
+def _fake_result(out):
+  rows = [(s, j) for s in out.seqs for j in s.sample_indices]
+  r = max(len(rows), 1)
+  tokens = np.array([3 + (s.seq.num_tokens + j) % 5 for s, j in rows] or [0])
+  top_ids = np.tile(np.arange(1, K + 1), (r, 1))
+  top_lps = -np.tile(np.arange(K, dtype=np.float64), (r, 1)) - 0.01 * np.arange(r)[:, None]
+  return StepResult(tokens, -np.ones(r), np.ones(r, int), top_ids, top_lps)
+
+
+def _step(sched):
   out = sched.schedule()
-  for seq in out.seqs:
-    seq.append_token(7, 0.0)
+  sched.update_from_output(out, _fake_result(out), on_error=lambda g, e: pytest.fail(repr(e)))
   return out
 
 
-def _make(num_blocks=8, block_size=4, host=8, mode="recompute", max_num_seqs=4, budget=64):
-  bm = BlockManager(num_blocks, block_size, host)
-  return bm, Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                       preemption_mode=mode)
+def _blocks_held(bm):
+  return bm.num_blocks - bm.num_free_blocks
 
 
-def test_admission_is_fcfs_within_limits():
-  _, s = _make(num_blocks=8, block_size=4, max_num_seqs=2)
-  groups = [_group(i, 5) for i in range(3)]
-  for g in groups:
-    s.add(g)
-  out = _run_step(s)
-  assert out.is_prefill and [q.request_id for q in out.seqs] == ["r0", "r1"]  # max_num_seqs
-  assert out.context_lens == [0, 0] and out.query_token_ids[0] == list(range(1, 6))
-  assert [g.request_id for g in s.waiting] == ["r2"]
-  # Next step decodes the running pair (r2 cannot join: max_num_seqs).
-  out = _run_step(s)
-  assert not out.is_prefill and out.context_lens == [5, 5]
-  assert out.query_token_ids == [[7], [7]] and len(out.decode_slots) == 2
-
-
-def test_token_budget_limits_a_prefill_step():
-  _, s = _make(num_blocks=32, budget=12)
+def test_admission_is_fcfs_within_max_num_seqs():
+  _, s = _make(num_blocks=16, max_num_seqs=2)
   for i in range(3):
     s.add(_group(i, 5))
-  assert len(_run_step(s).seqs) == 2  # 5 + 5 <= 12 < 15
+  out = _step(s)
+  assert [q.group.request_id for q in out.seqs] == ["r0", "r1"]
+  assert [len(q.token_ids) for q in out.seqs] == [5, 5] and out.num_batched_tokens == 10
+  assert [g.request_id for g in s.waiting] == ["r2"]
+  out = _step(s)  # the running pair decodes; r2 waits for a seat
+  assert [(q.start, len(q.token_ids)) for q in out.seqs] == [(5, 1), (5, 1)]
+
+
+def test_long_prompt_is_chunked_while_decodes_continue():
+  _, s = _make(num_blocks=64, block_size=4, budget=8, max_num_seqs=4)
+  s.add(_group(0, 3, max_tokens=20))
+  _step(s)  # r0 prefilled, now decoding
+  s.add(_group(1, 30))
+  chunks = []
+  while s.waiting or any(not g.is_decode_ready() for g in s.running):
+    out = _step(s)
+    kinds = {q.group.request_id: len(q.token_ids) for q in out.seqs}
+    assert kinds["r0"] == 1  # the decode is served every step
+    assert out.num_batched_tokens <= 8
+    chunks.append(kinds.get("r1", 0))
+  assert chunks == [7, 7, 7, 7, 2]  # 30 tokens in chunks of what the budget leaves
+  assert s.running[1].seqs[0].num_computed_tokens == 30
+
+
+def test_chunked_prefill_off_waits_for_a_whole_prompt():
+  _, s = _make(num_blocks=64, block_size=4, budget=8, chunked=False)
+  s.add(_group(0, 3, max_tokens=20))
+  _step(s)
+  s.add(_group(1, 8))
+  out = _step(s)  # 1 decode + 8 > 8: the prompt waits for a step with room
+  assert [q.group.request_id for q in out.seqs] == ["r0"]
 
 
 def test_recompute_preempts_latest_arrival_and_requeues_it():
   bm, s = _make(num_blocks=4, block_size=4, mode="recompute")
   s.add(_group(0, 4))
   s.add(_group(1, 4))
-  _run_step(s)  # both prompts fill one block each
-  out = _run_step(s)  # each needs a 2nd block: 4 blocks, fine
-  assert out.num_preempted == 0
-  for _ in range(3):
-    _run_step(s)
+  _step(s)  # both prompts fill one block each
+  for _ in range(4):
+    out = _step(s)
+    assert not out.preempted
   # Both now hold 8 tokens in 2 blocks each; the next token needs a 3rd block each.
-  out = _run_step(s)
-  assert out.num_preempted == 1 and [q.request_id for q in out.seqs] == ["r0"]
+  out = _step(s)
+  assert [g.request_id for g in out.preempted] == ["r1"]
+  assert [q.group.request_id for q in out.seqs] == ["r0"]
   assert [g.request_id for g in s.waiting] == ["r1"]
-  assert s.waiting[0].seqs[0].status is SequenceStatus.WAITING
-  assert not bm.has_seq(s.waiting[0].seqs[0].seq_id)
+  seq = s.waiting[0].seqs[0]
+  assert seq.status is SequenceStatus.WAITING and seq.num_computed_tokens == 0
+  assert not bm.has_seq(seq.seq_id)
   assert s.num_preemptions == {"recompute": 1, "swap": 0}
 
 
-def test_swap_preemption_and_swap_in_before_new_admissions():
+def test_swap_preemption_and_swap_in_in_arrival_order():
   bm, s = _make(num_blocks=4, block_size=4, host=8, mode="swap")
   s.add(_group(0, 4))
   s.add(_group(1, 4))
   for _ in range(5):
-    _run_step(s)
-  out = _run_step(s)
-  assert out.num_preempted == 1 and len(out.swap_out) == 2
+    _step(s)
+  out = _step(s)
+  assert [g.request_id for g in out.preempted] == ["r1"] and len(out.swap_out) == 2
   victim = s.swapped[0]
-  assert victim.request_id == "r1" and bm.is_swapped(victim.seqs[0].seq_id)
-  s.add(_group(2, 1))  # must wait: swapped groups come back first
-  s.finish_seq(s.running[0].seqs[0])
-  s.free_finished_groups()
-  out = _run_step(s)
-  assert not out.is_prefill and len(out.swap_in) == 2 and out.seqs[0].request_id == "r1"
-  assert [g.request_id for g in s.waiting] == ["r2"]
-  assert s.num_blocks_swapped == {"out": 2, "in": 2}
+  assert bm.is_swapped(victim.seqs[0].seq_id)
+  s.add(_group(2, 1))  # arrived later than r1: must wait for it
+  s.finish_seq(s.running[0].seqs[0], "abort")
+  s.drop_finished()
+  out = _step(s)
+  assert len(out.swap_in) == 2 and not s.swapped
+  ids = [q.group.request_id for q in out.seqs]
+  assert ids[0] == "r1" and (out.seqs[0].start, len(out.seqs[0].token_ids)) == (8, 1)
 
 
-def test_swap_falls_back_to_recompute_when_host_pool_is_full():
-  _, s = _make(num_blocks=4, block_size=4, host=1, mode="swap")
-  s.add(_group(0, 4))
-  s.add(_group(1, 4))
-  for _ in range(6):
-    _run_step(s)
-  assert s.num_preemptions == {"recompute": 1, "swap": 0}
+def test_issue_livelock_n2_recompute_regrefill_is_chunked():
+  """The issue's case: n=2 over 239-token prompts in 40 blocks of 16 with a 512 budget."""
+  bm, s = _make(num_blocks=40, block_size=16, host=0, max_num_seqs=64, budget=512)
+  for i in range(2):
+    s.add(_group(i, 239, n=2, max_tokens=60, temperature=0.8))
+  steps = 0
+  while s.has_unfinished():
+    out = _step(s)
+    assert out.num_batched_tokens <= 512
+    steps += 1
+    assert steps < 2000, "no progress"
+  assert s.num_preemptions["recompute"] > 0
+  assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_bad_settings_raise():
-  bm = BlockManager(4, 4)
-  with pytest.raises(ValueError, match="preemption_mode"):
-    Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=8, preemption_mode="drop")
-  with pytest.raises(ValueError, match="max_num_seqs"):
-    Scheduler(bm, max_num_seqs=0, max_num_batched_tokens=8)
+def test_forked_group_shares_its_prompt_again_after_recompute():
+  """After a recompute, sample 1 forks sample 0's prompt blocks instead of recomputing them."""
+  bm, s = _make(num_blocks=64, block_size=4, host=0, max_num_seqs=8, budget=64)
+  g = _group(0, 10, n=3, max_tokens=6)
+  s.add(g)
+  for _ in range(3):
+    _step(s)
+  s.recompute(g)
+  assert g.shared_prefix_tokens == 8
+  computed = []
+  while not g.is_decode_ready():
+    out = _step(s)
+    computed += [(q.seq.sample_index, q.start, len(q.token_ids)) for q in out.seqs]
+  # Sample 0 recomputes up to its last token; the others start after the shared 8.
+  assert computed[0] == (0, 0, 12)
+  assert sorted(c for c in computed[1:]) == [(1, 8, 4), (2, 8, 4)]
+  tables = [bm.block_table(q.seq_id) for q in g.seqs]
+  assert tables[0][:2] == tables[1][:2] == tables[2][:2]
+  while s.has_unfinished():
+    _step(s)
+  assert bm.num_free_blocks == bm.num_blocks
 
 
-@pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_many_sequences_crossing_a_block_boundary_together(mode):
-  # 6 sequences of 4 tokens hold 6 of 8 blocks; the next token needs a new block for
-  # each of them at once. Blocks promised to earlier groups must count: preempting
-  # r5 and r4 frees 2 blocks, so exactly r0..r3 continue and no append fails.
-  bm, s = _make(num_blocks=8, block_size=4, host=32, mode=mode, max_num_seqs=8)
-  for i in range(6):
-    s.add(_group(i, 4))
-  _run_step(s)
-  out = _run_step(s)
-  assert [q.request_id for q in out.seqs] == ["r0", "r1", "r2", "r3"]
-  assert out.num_preempted == 2 and bm.num_free_blocks == 0
-  for _ in range(30):  # keeps going under pressure without a failed append
-    _run_step(s)
+def test_max_blocks_needed_counts_the_prompt_once():
+  # The issue's example: n=4 over a 69-token prompt + 32 tokens, blocks of 8.
+  need = max_blocks_needed(69, 32, 4, block_size=8, max_model_len=512)
+  assert need == 8 + 4 * -(-(69 + 32 - 1 - 64) // 8)  # 8 shared + 4 x 5 own = 28
+  assert max_blocks_needed(69, 32, 1, block_size=8, max_model_len=512) == -(-100 // 8)
+  assert max_blocks_needed(10, 1000, 1, block_size=8, max_model_len=64) == 8  # 63 cached
+
+
+# ---------------------------------------------------------------- liveness property
+_EXAMPLES = int(os.environ.get("PAGEDJAX_HYPOTHESIS_EXAMPLES", "150"))
+
+_request = st.fixed_dictionaries({
+    "prompt": st.integers(1, 60),
+    "max_tokens": st.integers(1, 30),
+    "kind": st.sampled_from(["greedy", "n2", "n3", "beam2", "beam3"]),
+    "arrive": st.integers(0, 20),
+})
+
+
+@given(requests=st.lists(_request, min_size=1, max_size=8),
+       block_size=st.sampled_from([4, 8, 16]), budget_blocks=st.integers(1, 6),
+       slack=st.integers(0, 12), mode=st.sampled_from(["recompute", "swap"]),
+       host=st.integers(0, 40), max_num_seqs=st.integers(3, 8), chunked=st.booleans())
+@settings(max_examples=_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def test_every_request_finishes_within_a_bounded_number_of_steps(
+    requests, block_size, budget_blocks, slack, mode, host, max_num_seqs, chunked):
+  """Any budget the constructor accepts, any cache that fits the largest request alone."""
+  budget = max(budget_blocks * block_size, max_num_seqs)
+  groups = []
+  for i, r in enumerate(requests):
+    width = int(r["kind"][-1]) if r["kind"] != "greedy" else 1
+    kw = dict(max_tokens=r["max_tokens"], ignore_eos=r["kind"] != "greedy")
+    if r["kind"].startswith("beam"):
+      kw.update(use_beam_search=True, beam_width=width, n=1, temperature=0.0)
+    elif width > 1:
+      kw.update(n=width, temperature=1.0)
+    else:
+      kw.update(temperature=0.0)
+    prompt = r["prompt"] if chunked else min(r["prompt"], budget)
+    groups.append((r["arrive"], _group(i, prompt, **kw)))
+  need = max(max_blocks_needed(len(g.prompt_token_ids), g.params.max_tokens, g.width,
+                               block_size=block_size, max_model_len=512) for _, g in groups)
+  bm, s = _make(num_blocks=need + slack, block_size=block_size, host=host, mode=mode,
+                max_num_seqs=max_num_seqs, budget=budget, chunked=chunked)
+  pending = sorted(groups, key=lambda x: x[0])
+  total_work = sum(len(g.prompt_token_ids) + g.params.max_tokens for _, g in groups)
+  step = 0
+  while pending or s.has_unfinished():
+    while pending and pending[0][0] <= step:
+      s.add(pending.pop(0)[1])
+    if s.has_unfinished():
+      out = s.schedule()
+      assert out.num_batched_tokens <= budget
+      assert sum(g.num_seats for g in s.running) <= max_num_seqs
+      assert out.seqs or out.swap_in or out.swap_out, "an empty step with work left"
+      s.update_from_output(out, _fake_result(out), on_error=lambda g, e: pytest.fail(repr(e)))
+    step += 1
+    # Generous but finite: preemption may redo work, never forever.
+    assert step < 50 * total_work + 100, "no progress (livelock)"
+  assert bm.num_free_blocks == bm.num_blocks
+  assert bm.host_allocator.num_free_blocks == bm.num_host_blocks
+  for _, g in groups:
+    assert g.is_finished

@@ -1,80 +1,163 @@
-"""Scheduler: continuous batching over waiting / running / swapped queues.
+"""Scheduler: one packed step per call, continuous batching, chunked prefill, preemption.
 
-Each call to `schedule()` decides one engine step, vLLM-v0 style:
-  1. while no group is swapped out, admit waiting groups (FCFS) as one prefill
-     step, within `max_num_seqs`, the token budget and the free blocks;
-  2. otherwise decode every running group, reserving one slot per sequence;
-     when blocks run out, preempt the lowest-priority group (latest arrival),
-     whole groups only, by swap (host pool) or recompute (free and requeue);
-  3. swapped groups come back (swap-in) when nothing was preempted this step.
-The result is a `SchedulerOutput`: the rows to run plus the block ops
-(swap-out, swap-in, copy-on-write) the device must apply first, in that order.
-This module does not touch device arrays, sample tokens or detokenize.
+`schedule()` decides one engine step, as vLLM V1 does, under one token budget
+(`max_num_batched_tokens`) and `max_num_seqs`:
+  1. running groups, highest priority (earliest arrival) first: a decode-ready group
+     feeds one token per sequence; a group still prefilling gets a chunk of what is left
+     of the budget after every decode has been counted, so decodes never starve while a
+     long prompt is chunked. When blocks run out, the lowest-priority running group not
+     yet scheduled is preempted (whole groups), by swap (host pool) or recompute (free
+     and requeue; the prompt and outputs are prefilled again in chunks);
+  2. then, in arrival order, swapped groups come back (swap-in) and waiting groups are
+     admitted (their first chunk), FCFS: the first that does not fit stops admission.
+It emits a `SchedulerOutput` holding everything the device side needs: per scheduled
+sequence its tokens, first position, block table and which sample streams to draw,
+plus the block copies (swap-out, swap-in, copy-on-write) to run first, in that order.
+After the step, `update_from_output` appends the sampled tokens, applies token-level
+stop rules, forks parallel samples and beams, and frees what finished. The scheduler
+is the only writer of block state.
+
+Groups of several sequences (n > 1 samples or beams) advance in lockstep: they decode
+only when every sequence has all but its last token cached. After a recompute
+preemption their sequences are prefilled again, the first one computing the prompt's
+full blocks and the others sharing them (`BlockManager.fork_prefix`), so a forked
+request never needs more blocks than its shared bound (see `max_blocks_needed`).
+
+Not here: device arrays, sampling, text (stop strings are the engine's, which calls
+`finish_seq`).
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+from collections.abc import Callable, Collection
 
+from pagedjax.core import beam_search
 from pagedjax.core.block_manager import BlockManager
 from pagedjax.core.sequence import Sequence, SequenceGroup, SequenceStatus
 
 PREEMPTION_MODES = ("recompute", "swap")
 
 
+def ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def max_blocks_needed(prompt_len: int, max_tokens: int, width: int, *, block_size: int,
+                      max_model_len: int) -> int:
+  """The most device blocks one request can ever hold at once.
+
+  Each of its `width` sequences caches at most min(prompt + max_tokens, max_model_len) - 1
+  tokens (the last sampled token is never fed back); the prompt's full blocks are
+  shared by all of them (forks share them; after a recompute they are shared again), and
+  every sequence may own the rest.
+  """
+  cached = min(prompt_len + max_tokens, max_model_len) - 1
+  shared = prompt_len // block_size
+  return shared + width * ceil_div(cached - shared * block_size, block_size)
+
+
 @dataclasses.dataclass
-class SchedulerOutput:
-  """One engine step.
+class ScheduledSeq:
+  """One sequence's share of a step.
 
   Attributes:
-    is_prefill: prefill step (several tokens per row) or decode (one per row).
-    seqs: the rows, in order.
-    context_lens: tokens already cached per row before this step.
-    query_token_ids: the tokens each row computes this step.
-    swap_out / swap_in / cow: block copy ops to apply before the step, in
-      that order: (device, host), (host, device), (src, dst).
-    decode_slots: decode only: the flat KV slot (block * block_size + offset)
-      each row writes its token into.
-    num_preempted: groups preempted while building this step.
+    seq, group: the sequence and its request.
+    start: tokens already cached (the position of the first token computed now).
+    token_ids: the tokens computed this step (a chunk, or the one decode token).
+    block_table: the sequence's device blocks after this step's allocation (a copy).
+    sample_indices: the sample streams drawn from this sequence's last logits: () when
+      the chunk does not reach its last token, (0, .., n-1) for a fresh parallel-sampling
+      prompt (forked after the step), (sample_index,) otherwise.
   """
 
-  is_prefill: bool
-  seqs: list[Sequence]
-  context_lens: list[int]
-  query_token_ids: list[list[int]]
+  seq: Sequence
+  group: SequenceGroup
+  start: int
+  token_ids: list[int]
+  block_table: list[int]
+  sample_indices: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+  """One engine step: the packed sequences and the block copies to run before them.
+
+  Attributes:
+    seqs: scheduled sequences; decodes (one token) first, then prefill chunks.
+    swap_out / swap_in / cow: block copy ops, run in that order before the step:
+      (device, host), (host, device), (src, dst).
+    num_batched_tokens: tokens computed this step.
+    preempted: groups preempted while building this step.
+  """
+
+  seqs: list[ScheduledSeq] = dataclasses.field(default_factory=list)
   swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)
   swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)
   cow: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-  decode_slots: list[int] = dataclasses.field(default_factory=list)
-  num_preempted: int = 0
+  num_batched_tokens: int = 0
+  preempted: list[SequenceGroup] = dataclasses.field(default_factory=list)
 
   @property
-  def is_empty(self) -> bool:
-    return not self.seqs and not self.swap_out and not self.swap_in
+  def num_sample_rows(self) -> int:
+    return sum(len(s.sample_indices) for s in self.seqs)
+
+  @property
+  def groups(self) -> list[SequenceGroup]:
+    return list({id(s.group): s.group for s in self.seqs}.values())
+
+
+@dataclasses.dataclass
+class StepResult:
+  """What the device returned, per sample row (rows in SchedulerOutput order).
+
+  tokens [R] int, logprobs [R] float, ranks [R] int (1 = most likely), top_ids /
+  top_logprobs [R, K]: the K most likely tokens of the row's distribution, best first
+  (beam search and logprobs use them).
+  """
+
+  tokens: object
+  logprobs: object
+  ranks: object
+  top_ids: object
+  top_logprobs: object
 
 
 class Scheduler:
-  """Continuous batching with preemption over a `BlockManager`."""
+  """Continuous batching with chunked prefill and preemption over a `BlockManager`.
+
+  Args:
+    block_manager: the block tables (its watermark is used when admitting requests next
+      to running ones).
+    max_num_seqs: most sequences in one step.
+    max_num_batched_tokens: token budget of one step.
+    max_model_len: context limit; a sequence reaching it finishes with "length".
+    eos_token_ids: ids that end a sequence (unless ignore_eos).
+    preemption_mode: "recompute" or "swap".
+    enable_chunked_prefill: split prompts across steps; False computes a fresh prompt in
+      one step (recompute after preemption is always chunked).
+  """
 
   def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
-               max_num_batched_tokens: int, preemption_mode: str = "recompute",
-               watermark: float = 0.01):
+               max_num_batched_tokens: int, max_model_len: int,
+               eos_token_ids: Collection[int] = (), preemption_mode: str = "recompute",
+               enable_chunked_prefill: bool = True):
     if preemption_mode not in PREEMPTION_MODES:
       raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
     if max_num_seqs < 1:
       raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-    if max_num_batched_tokens < 1:
-      raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+    if max_num_batched_tokens < max_num_seqs:
+      raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} must be >= "
+                       f"max_num_seqs={max_num_seqs}: every running sequence decodes each step")
     self.bm = block_manager
     self.max_num_seqs = max_num_seqs
     self.max_num_batched_tokens = max_num_batched_tokens
+    self.max_model_len = max_model_len
+    self.eos_token_ids = frozenset(eos_token_ids)
     self.preemption_mode = preemption_mode
-    if not 0 <= watermark < 1:
-      raise ValueError(f"watermark must be in [0, 1), got {watermark}")
-    # Blocks kept free when admitting prompts next to running sequences.
-    self.watermark_blocks = int(watermark * block_manager.num_blocks)
-    # Each queue is kept sorted by arrival: index 0 has the highest priority.
+    self.enable_chunked_prefill = enable_chunked_prefill
+    # Each queue is sorted by arrival: index 0 has the highest priority.
     self.waiting: list[SequenceGroup] = []
     self.running: list[SequenceGroup] = []
     self.swapped: list[SequenceGroup] = []
@@ -88,164 +171,345 @@ class Scheduler:
   def has_unfinished(self) -> bool:
     return bool(self.waiting or self.running or self.swapped)
 
-  def abort(self, request_id: str) -> bool:
-    """Drops a request wherever it is; returns whether it was found."""
+  def find(self, request_id: str) -> SequenceGroup | None:
     for queue in (self.waiting, self.running, self.swapped):
       for group in queue:
         if group.request_id == request_id:
-          queue.remove(group)
-          self._release(group)
-          return True
-    return False
+          return group
+    return None
 
-  def finish_seq(self, seq: Sequence) -> None:
-    """Frees a finished sequence's blocks; drops its group when all are done."""
+  def abort(self, request_id: str, reason: str = "abort") -> SequenceGroup | None:
+    """Drops a request wherever it is, freeing its blocks; returns it (None if unknown)."""
+    group = self.find(request_id)
+    if group is not None:
+      self.finish_group(group, reason)
+    return group
+
+  def finish_group(self, group: SequenceGroup, reason: str) -> None:
+    """Ends every live sequence of a group (e.g. abort, error) and removes the group."""
+    for queue in (self.waiting, self.running, self.swapped):
+      if group in queue:
+        queue.remove(group)
+    for seq in group.seqs:
+      if not seq.is_finished:
+        self.finish_seq(seq, reason)
+
+  def finish_seq(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+    """Frees a sequence's blocks (either pool) and marks it finished."""
     if self.bm.has_seq(seq.seq_id):
       self.bm.free(seq.seq_id)
     seq.status = SequenceStatus.FINISHED
+    seq.finish_reason, seq.stop_reason = reason, stop_reason
 
-  def free_finished_groups(self) -> list[SequenceGroup]:
-    done = [g for g in self.running if g.is_finished]
-    if done:
+  def drop_finished(self) -> None:
+    """Removes finished groups from the running queue."""
+    if any(g.is_finished for g in self.running):
       self.running = [g for g in self.running if not g.is_finished]
-    return done
+
+  @property
+  def num_running_seqs(self) -> int:
+    return sum(g.num_seats for g in self.running)
 
   # ------------------------------------------------------------- scheduling
   def schedule(self) -> SchedulerOutput:
-    if not self.swapped:
-      out = self._schedule_prefill()
-      if out.seqs:
-        return out
-    return self._schedule_decode()
-
-  def _group_token_cost(self, group: SequenceGroup) -> tuple[int, int, int]:
-    """(rows, tokens, blocks) to prefill a waiting group's sequences.
-
-    A fresh group of n samples / beams is prefilled once and then forks, so it
-    counts as n rows (it will decode n sequences) but one prompt of blocks.
-    """
-    seqs = group.seqs_with(SequenceStatus.WAITING)
-    tokens = sum(s.num_tokens for s in seqs)
-    blocks = sum(-(-s.num_tokens // self.bm.block_size) for s in seqs)
-    p = group.params
-    fresh = len(group.seqs) == 1 and not group.seqs[0].output_token_ids
-    rows = (p.beam_width if p.use_beam_search else p.n) if fresh else len(seqs)
-    return rows, tokens, blocks
-
-  def _schedule_prefill(self) -> SchedulerOutput:
-    out = SchedulerOutput(True, [], [], [])
-    num_running = sum(len(g.seqs_with(SequenceStatus.RUNNING)) for g in self.running)
-    free_blocks = self.bm.num_free_blocks
-    tokens = 0
-    admitted = []
-    for group in self.waiting:
-      rows, group_tokens, blocks = self._group_token_cost(group)
-      # Keep a watermark of free blocks while others run, so admitting a prompt does not
-      # force a preemption on the very next decode step (vLLM does the same). An empty
-      # engine admits regardless, so a request that fits the cache always makes progress.
-      reserve = self.watermark_blocks if num_running else 0
-      if (num_running + rows > self.max_num_seqs
-          or tokens + group_tokens > self.max_num_batched_tokens
-          or blocks > free_blocks - reserve):
-        break  # FCFS: never let a later request overtake the head of the queue
-      num_running += rows
-      tokens += group_tokens
-      free_blocks -= blocks
-      admitted.append(group)
-    for group in admitted:
-      self.waiting.remove(group)
-      for seq in group.seqs_with(SequenceStatus.WAITING):
-        self.bm.allocate(seq.seq_id, seq.num_tokens)
-        seq.status = SequenceStatus.RUNNING
-        out.seqs.append(seq)
-        out.context_lens.append(0)
-        out.query_token_ids.append(seq.token_ids)
-      _insort(self.running, group)
-    return out
-
-  def _blocks_to_append(self, group: SequenceGroup) -> int:
-    return sum(self.bm.blocks_to_append(s.seq_id) for s in group.seqs_with(SequenceStatus.RUNNING))
-
-  def _schedule_decode(self) -> SchedulerOutput:
-    out = SchedulerOutput(False, [], [], [])
+    out = SchedulerOutput()
+    decode_tokens = sum(len(g.live_seqs) for g in self.running if g.is_decode_ready())
+    budget = self.max_num_batched_tokens - decode_tokens  # what prefill chunks may use
     queue = list(self.running)
-    kept: list[SequenceGroup] = []
-    reserved = 0  # blocks the groups kept so far will take when they append below
+    scheduled: list[SequenceGroup] = []
+    chunks: list[ScheduledSeq] = []
+    decodes: list[ScheduledSeq] = []
     while queue:
       group = queue.pop(0)
-      need = self._blocks_to_append(group)
-      while reserved + need > self.bm.num_free_blocks:
+      self._fork_waiting_prefixes(group)
+      if group.is_decode_ready():
+        plan = [(s, 1) for s in group.live_seqs]
+      else:
+        plan = self._chunk_plan(group, budget)
+      need = self.bm.blocks_to_append_all((s.seq_id, n) for s, n in plan)
+      while need > self.bm.num_free_blocks:
         victim = queue.pop() if queue else group
         self._preempt(victim, out)
         if victim is group:
           break
       else:
-        kept.append(group)
-        reserved += need
-    self.running = kept
-    if out.num_preempted == 0:
-      self._schedule_swap_in(out)
-    for group in self.running:
-      for seq in group.seqs_with(SequenceStatus.RUNNING):
-        ref = self.bm.append_slot(seq.seq_id)
-        if ref.cow is not None:
-          out.cow.append(ref.cow)
-        out.decode_slots.append(ref.block_id * self.bm.block_size + ref.offset)
-        out.seqs.append(seq)
-        out.context_lens.append(seq.num_tokens - 1)
-        out.query_token_ids.append([seq.last_token_id])
+        scheduled.append(group)
+        rows = self._allocate(group, plan, out)
+        if group.is_decode_ready():
+          decodes += rows
+        else:
+          chunks += rows
+          budget -= sum(n for _, n in plan)
+    self.running = scheduled + [g for g in self.running if g not in scheduled
+                                and g not in out.preempted]
+    self.running.sort(key=lambda g: g.arrival)
+    if not out.preempted:
+      budget = self._admit(out, budget, decodes, chunks)
+    out.seqs = decodes + chunks
+    out.num_batched_tokens = sum(len(s.token_ids) for s in out.seqs)
     return out
 
-  def _schedule_swap_in(self, out: SchedulerOutput) -> None:
-    num_running = sum(len(g.seqs_with(SequenceStatus.RUNNING)) for g in self.running)
-    reserve = self._blocks_to_append_all()
-    while self.swapped:
-      group = self.swapped[0]
-      seqs = group.seqs_with(SequenceStatus.SWAPPED)
-      ids = [s.seq_id for s in seqs]
-      # Room for the group's blocks plus one new block per sequence this step.
-      if (num_running + len(seqs) > self.max_num_seqs
-          or not self.bm.can_swap_in(ids, extra_blocks=reserve + len(seqs))):
-        break
-      ops = self.bm.swap_in(ids)
-      out.swap_in += ops
-      self.num_blocks_swapped["in"] += len(ops)
-      for seq in seqs:
-        seq.status = SequenceStatus.RUNNING
-      num_running += len(seqs)
-      reserve += self._blocks_to_append(group)
-      self.swapped.pop(0)
-      _insort(self.running, group)
+  def _chunk_plan(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
+    """(sequence, tokens) for a prefilling group within `budget` tokens.
 
-  def _blocks_to_append_all(self) -> int:
-    return sum(self._blocks_to_append(g) for g in self.running)
+    A single sequence may run to its last token (and sample); sequences of a forked
+    group stop one short, so that they all decode together afterwards. Sequences still
+    waiting for a shared prefix get nothing until the first has computed it.
+    """
+    plan = []
+    live = group.live_seqs
+    hold_back = 1 if len(live) > 1 else 0
+    for seq in live:
+      if group.forked and seq.status is SequenceStatus.WAITING:
+        continue  # waits to share the leader's prefix (see _fork_waiting_prefixes)
+      left = seq.num_tokens - hold_back - seq.num_computed_tokens
+      n = min(left, budget)
+      if n > 0:
+        plan.append((seq, n))
+        budget -= n
+    return plan
+
+  def _allocate(self, group: SequenceGroup, plan, out: SchedulerOutput) -> list[ScheduledSeq]:
+    rows = []
+    for seq, n in plan:
+      start = seq.num_computed_tokens
+      if not self.bm.has_seq(seq.seq_id):
+        self.bm.allocate(seq.seq_id, n)
+        seq.status = SequenceStatus.RUNNING
+      else:
+        op = self.bm.append_slots(seq.seq_id, n)
+        if op is not None:
+          out.cow.append(op)
+      end = start + n
+      if end < seq.num_tokens:
+        samples: tuple[int, ...] = ()
+      elif not group.forked and group.width > 1 and not group.params.use_beam_search:
+        samples = tuple(range(group.width))  # the prompt's n samples, forked after the step
+      else:
+        samples = (seq.sample_index,)
+      rows.append(ScheduledSeq(seq, group, start, seq.token_slice(start, end),
+                               self.bm.block_table(seq.seq_id), samples))
+    return rows
+
+  def _admit(self, out: SchedulerOutput, budget: int, decodes: list, chunks: list) -> int:
+    """Swap-in and admission in arrival order (FCFS); returns the budget left."""
+    seats = self.num_running_seqs
+    while self.swapped or self.waiting:
+      swapped_first = self.swapped and (not self.waiting
+                                        or self.swapped[0].arrival < self.waiting[0].arrival)
+      group = self.swapped[0] if swapped_first else self.waiting[0]
+      if seats + group.num_seats > self.max_num_seqs:
+        break
+      if swapped_first:
+        seqs = group.seqs_with(SequenceStatus.SWAPPED)
+        if len(seqs) > budget or not self.bm.can_swap_in(
+            [s.seq_id for s in seqs], extra_blocks=len(seqs)):
+          break
+        ops = self.bm.swap_in([s.seq_id for s in seqs])
+        out.swap_in += ops
+        self.num_blocks_swapped["in"] += len(ops)
+        for seq in seqs:
+          seq.status = SequenceStatus.RUNNING
+        self.swapped.pop(0)
+        # Swapped groups are decode-ready: they decode in this very step.
+        decodes += self._allocate(group, [(s, 1) for s in seqs], out)
+        budget -= len(seqs)
+      else:
+        self._fork_waiting_prefixes(group)
+        plan = self._chunk_plan(group, budget)
+        fresh = not group.forked and group.seqs[0].num_computed_tokens == 0 \
+            and not group.seqs[0].output_token_ids
+        if not plan or (fresh and not self.enable_chunked_prefill
+                        and plan[0][1] < group.seqs[0].num_tokens):
+          break
+        need = sum(self.bm.num_required_blocks(n) for _, n in plan)
+        reserve = self.bm.watermark_blocks if self.running else 0
+        if need > self.bm.num_free_blocks - reserve:
+          break
+        self.waiting.pop(0)
+        chunks += self._allocate(group, plan, out)
+        budget -= sum(n for _, n in plan)
+      seats += group.num_seats
+      _insort(self.running, group)
+    return budget
+
+  def _fork_waiting_prefixes(self, group: SequenceGroup) -> None:
+    """Recomputed forked group: sequences share the prompt's full blocks of the first."""
+    waiting = group.seqs_with(SequenceStatus.WAITING)
+    if not waiting or not group.forked:
+      return
+    leader = group.live_seqs[0]
+    shared = group.shared_prefix_tokens
+    if leader.status is SequenceStatus.WAITING:
+      leader.status = SequenceStatus.RUNNING  # schedulable; blocks come with its chunk
+      waiting = waiting[1:]
+    if not shared:
+      for seq in waiting:
+        seq.status = SequenceStatus.RUNNING
+      return
+    if not self.bm.has_seq(leader.seq_id) or leader.num_computed_tokens < shared:
+      return
+    for seq in waiting:
+      self.bm.fork_prefix(leader.seq_id, seq.seq_id, shared // self.bm.block_size)
+      seq.num_computed_tokens = shared
+      seq.status = SequenceStatus.RUNNING
 
   def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
-    seqs = group.seqs_with(SequenceStatus.RUNNING)
-    ids = [s.seq_id for s in seqs]
-    out.num_preempted += 1
-    if self.preemption_mode == "swap" and self.bm.can_swap_out(ids):
+    out.preempted.append(group)
+    if group in self.running:
+      self.running.remove(group)
+    live = group.live_seqs
+    resident = [s for s in live if self.bm.has_seq(s.seq_id)]
+    ids = [s.seq_id for s in resident]
+    if (self.preemption_mode == "swap" and group.is_decode_ready()
+        and len(resident) == len(live) and self.bm.can_swap_out(ids)):
       ops = self.bm.swap_out(ids)
       out.swap_out += ops
       self.num_blocks_swapped["out"] += len(ops)
       self.num_preemptions["swap"] += 1
-      for seq in seqs:
+      for seq in live:
         seq.status = SequenceStatus.SWAPPED
       _insort(self.swapped, group)
       return
-    # Recompute: drop the KV, requeue; prompt + generated tokens are prefilled again.
     self.num_preemptions["recompute"] += 1
-    for seq in seqs:
-      self.bm.free(seq.seq_id)
-      seq.status = SequenceStatus.WAITING
-    _insort(self.waiting, group)
+    self.recompute(group)
 
-  def _release(self, group: SequenceGroup) -> None:
-    for seq in group.seqs:
+  def recompute(self, group: SequenceGroup) -> None:
+    """Drops a group's KV (either pool) and requeues it: prompt + outputs are prefilled
+    again, in chunks; a forked group shares its prompt's full blocks again."""
+    for queue in (self.running, self.swapped, self.waiting):
+      if group in queue:
+        queue.remove(group)
+    live = group.live_seqs
+    for seq in live:
       if self.bm.has_seq(seq.seq_id):
         self.bm.free(seq.seq_id)
-      seq.status = SequenceStatus.FINISHED
-      seq.finish_reason = seq.finish_reason or "abort"
+      seq.reset_for_recompute()
+    if group.forked and len(live) > 1:
+      group.shared_prefix_tokens = (len(group.prompt_token_ids) // self.bm.block_size
+                                    * self.bm.block_size)
+    _insort(self.waiting, group)
+
+  # ---------------------------------------------------------- after a step
+  def update_from_output(self, out: SchedulerOutput, result: StepResult, *,
+                         on_error: Callable[[SequenceGroup, Exception], None]
+                         ) -> list[SequenceGroup]:
+    """Applies a step's results; returns the groups it advanced.
+
+    Each group is processed on its own: an exception while appending, forking or
+    selecting beams for one request ends that request (`on_error(group, exc)`, after
+    its blocks are freed) and leaves the others untouched.
+    """
+    rows_of: dict[int, list[tuple[ScheduledSeq, int]]] = {}
+    groups: dict[int, SequenceGroup] = {}
+    r = 0
+    for s in out.seqs:
+      s.seq.num_computed_tokens = s.start + len(s.token_ids)
+      groups[id(s.group)] = s.group
+      for j in s.sample_indices:
+        rows_of.setdefault(id(s.group), []).append((s, r))
+        r += 1
+    for gid, group in groups.items():
+      if group.is_finished:  # e.g. aborted between schedule and update
+        continue
+      try:
+        rows = rows_of.get(gid)
+        if rows:
+          if group.params.use_beam_search:
+            self._beam_step(group, rows, result)
+          else:
+            self._sample_step(group, rows, result)
+      except Exception as e:  # noqa: BLE001  (isolation: one request's failure is its own)
+        self.finish_group(group, "error")
+        on_error(group, e)
+    self.drop_finished()
+    return list(groups.values())
+
+  def _sample_step(self, group: SequenceGroup, rows, result: StepResult) -> None:
+    want_top = group.params.logprobs is not None
+    # A fresh prompt's samples fork off its blocks before sample 0 appends its token,
+    # so each child starts from the prompt alone.
+    targets = [(s.seq, r) for s, r in rows]
+    if not group.forked:
+      leader = group.seqs[0]
+      children = [self._fork(group, leader, sample_index=k) for k in range(1, group.width)]
+      targets = [(leader, rows[0][1])] + [(c, r) for c, (_, r) in zip(children, rows[1:])]
+      group.forked = True
+    for seq, r in targets:
+      top = _top(result, r, group.params.logprobs) if want_top else None
+      seq.append_token(int(result.tokens[r]), float(result.logprobs[r]), top)
+      if want_top:
+        seq.output_ranks.append(int(result.ranks[r]))
+      self._check_stop(seq, group)
+
+  def _fork(self, group: SequenceGroup, parent: Sequence, *, sample_index: int) -> Sequence:
+    """A new running sequence sharing every block of `parent` (copy-on-write later)."""
+    child = parent.fork(sample_index=sample_index)
+    self.bm.fork(parent.seq_id, child.seq_id)
+    group.seqs.append(child)
+    return child
+
+  def _check_stop(self, seq: Sequence, group: SequenceGroup) -> None:
+    """Token-level stop rules; stop strings are checked by the engine on the text."""
+    p = group.params
+    tok = seq.output_token_ids[-1]
+    num_out = len(seq.output_token_ids)
+    if num_out >= p.min_tokens:
+      if tok in self.eos_token_ids and not p.ignore_eos:
+        return self.finish_seq(seq, "stop")
+      if tok in p.stop_token_ids:
+        return self.finish_seq(seq, "stop", tok)
+    if num_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+      self.finish_seq(seq, "length")
+
+  def _beam_step(self, group: SequenceGroup, rows, result: StepResult) -> None:
+    """Advances a beam-search group: keep the best beams, fork / free, maybe finish."""
+    p = group.params
+    group.forked = True
+    seqs = [s.seq for s, _ in rows]
+    beams = [(seq.output_token_ids, seq.cumulative_logprob) for seq in seqs]
+    eos = () if p.ignore_eos else tuple(self.eos_token_ids)
+    nxt, finished = beam_search.select(
+        beams, [result.top_ids[r] for _, r in rows], [result.top_logprobs[r] for _, r in rows],
+        beam_width=p.beam_width, eos_ids=eos, length_penalty=p.length_penalty)
+    group.hypotheses += finished
+    # Dropped beams give their blocks (or references) back before the forks take theirs.
+    used = {seqs[b].seq_id for b, _, _ in nxt}
+    for seq in seqs:
+      if seq.seq_id not in used:
+        self.finish_seq(seq, "beam")
+        group.seqs.remove(seq)
+    # Forks copy the parent's tokens before any parent appends its own new token.
+    targets, kept = [], set()
+    for b, tok, lp in nxt:
+      parent = seqs[b]
+      if parent.seq_id in kept:
+        targets.append((self._fork(group, parent, sample_index=0), tok, lp))
+      else:
+        kept.add(parent.seq_id)
+        targets.append((parent, tok, lp))
+    running = []
+    for seq, tok, lp in targets:
+      seq.append_token(tok, lp)
+      if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        group.hypotheses.append(beam_search.Hypothesis(
+            list(seq.output_token_ids), seq.cumulative_logprob, "length",
+            beam_search.beam_score(seq.cumulative_logprob, len(seq.output_token_ids),
+                                   p.length_penalty)))
+        self.finish_seq(seq, "length")
+        group.seqs.remove(seq)
+      else:
+        running.append(seq)
+    if beam_search.is_done(group.hypotheses,
+                           [(s.output_token_ids, s.cumulative_logprob) for s in running],
+                           beam_width=p.beam_width, length_penalty=p.length_penalty):
+      for seq in running:
+        self.finish_seq(seq, "done")
+        group.seqs.remove(seq)
+
+
+def _top(result: StepResult, r: int, k: int) -> list[tuple[int, float]]:
+  return [(int(i), float(lp)) for i, lp in zip(result.top_ids[r][:k], result.top_logprobs[r][:k])]
 
 
 def _insort(queue: list[SequenceGroup], group: SequenceGroup) -> None:
