@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagedjax.runner import attention
+from pagedjax.runner import attention, kv_cache
+from pagedjax.runner.model_runner import ModelRunner
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -87,8 +88,14 @@ def test_decode_xla_matches_reference(dtype, h, hkv):
 @pytest.mark.parametrize("pages_per_step", [1, 3])  # several scan steps, last one partial
 def test_xla_online_softmax_across_scan_steps(pages_per_step):
   q, kp, vp, tables, lengths, k, v = _decode_case(1, jnp.float32, 4, 2)
-  f = jax.jit(attention._attention_xla, static_argnums=(5, 6))
-  got = f(q[:, None], kp, vp, tables, (lengths - 1)[:, None], 0.25, pages_per_step)[:, 0]
+  geometry = kv_cache.PoolGeometry.of(kp[None])
+
+  @jax.jit
+  def f(q, kp, vp, tables, q_pos):
+    return attention._attention_tiles(q, kv_cache.to_rows(kp), kv_cache.to_rows(vp), tables, q_pos,
+                                      0, 0.25, geometry, pages_per_step=pages_per_step)
+
+  got = f(q[:, None], kp, vp, tables, (lengths - 1)[:, None])[:, 0]
   want = attention.decode_attention_reference(q, k, v, lengths, sm_scale=0.25)
   _assert_close(got, want, jnp.float32)
 
@@ -194,3 +201,84 @@ def test_prefill_pallas_interpret_matches_reference():
   )
   want = attention.prefill_attention_reference(q, k, v, ctx, qlen, sm_scale=0.2)
   _assert_close(got, want, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------
+# The ragged (packed) step attention, built from a scheduler-like description by the
+# model runner's own metadata builders, against the dense reference per sequence.
+
+
+class _Seq:  # what the runner reads of a scheduled sequence (tiles / ragged builders)
+  def __init__(self, start, q_len):
+    self.start, self.token_ids = start, [0] * q_len
+
+
+def _ragged_case(seed, dtype, h, hkv, seqs, *, bs=8, d=32):
+  """seqs: (start, q_len) per sequence. Returns q [T, H, D], 5-D pools, tables, k, v."""
+  kv_lens = [a + b for a, b in seqs]
+  pages_per_seq = -(-max(max(kv_lens), 1) // bs) + 1
+  kp, vp, tables, k, v = _paged_case(seed, kv_lens, bs=bs, pages_per_seq=pages_per_seq, hkv=hkv,
+                                     d=d, dtype=dtype, share=len(seqs) > 1)
+  t = sum(b for _, b in seqs)
+  q = jnp.asarray(np.random.default_rng(seed + 2).standard_normal((t, h, d)), dtype)
+  return q, kp[None], vp[None], np.asarray(tables), k, v
+
+
+def _ragged_reference(q, k, v, seqs, sm_scale):
+  outs = []
+  for i, (start, n) in enumerate(seqs):
+    if n == 0:
+      continue
+    row = sum(b for _, b in seqs[:i])
+    qi = q[row:row + n][None]  # [1, n, H, D]
+    outs.append(attention.prefill_attention_reference(
+        qi, k[i:i + 1], v[i:i + 1], jnp.asarray([start]), jnp.asarray([n]), sm_scale=sm_scale)[0])
+  return jnp.concatenate(outs)
+
+
+def _metadata(seqs, tables, impl):
+  lens = np.asarray([n for _, n in seqs])
+  starts = np.asarray([a for a, _ in seqs])
+  cu = np.concatenate([[0], np.cumsum(lens)])
+  t_cap = int(cu[-1]) + 3  # a few padding rows
+  runner = ModelRunner.__new__(ModelRunner)  # only the pure metadata builders are used
+  if impl == "xla":
+    meta, _ = runner._tiles(lens, starts, cu, tables, t_cap)
+  else:
+    meta, _ = runner._ragged(lens, starts, cu, tables)
+  return jax.tree.map(jnp.asarray, meta), t_cap
+
+
+RAGGED_MIX = [  # (tokens already cached, tokens computed now)
+    (12, 1), (0, 20), (7, 9), (0, 1), (5, 0), (15, 1), (16, 16), (31, 1), (0, 8), (3, 17)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("h,hkv", [(4, 4), (8, 2), (4, 1)])
+def test_ragged_xla_matches_dense_per_sequence(dtype, h, hkv):
+  """Decodes, whole prompts, chunks in mid-context, q_len 0, page boundaries, NaN pages."""
+  q, kp, vp, tables, k, v = _ragged_case(11, dtype, h, hkv, RAGGED_MIX)
+  meta, t_cap = _metadata(RAGGED_MIX, tables, "xla")
+  qp = jnp.pad(q, ((0, t_cap - q.shape[0]), (0, 0), (0, 0)))  # padding rows stay zero
+  geometry = kv_cache.PoolGeometry.of(kp)
+
+  @jax.jit
+  def f(q, kp, vp, meta):
+    return attention.ragged_paged_attention(q, kv_cache.to_rows(kp), kv_cache.to_rows(vp), meta,
+                                            layer=0, sm_scale=0.3, impl="xla", geometry=geometry)
+
+  got = f(qp, kp, vp, meta)
+  want = _ragged_reference(q, k, v, RAGGED_MIX, 0.3)
+  _assert_close(got[:q.shape[0]], want, dtype)
+  np.testing.assert_array_equal(np.asarray(got[q.shape[0]:], np.float32), 0.0)
+
+
+def test_ragged_xla_single_decode_and_single_chunk():
+  for mix in ([(0, 1)], [(40, 1)], [(0, 16)], [(8, 33)]):
+    q, kp, vp, tables, k, v = _ragged_case(12, jnp.float32, 8, 2, mix)
+    meta, t_cap = _metadata(mix, tables, "xla")
+    qp = jnp.pad(q, ((0, t_cap - q.shape[0]), (0, 0), (0, 0)))
+    got = attention.ragged_paged_attention(qp, kv_cache.to_rows(kp), kv_cache.to_rows(vp), meta,
+                                           layer=0, sm_scale=0.3, impl="xla",
+                                           geometry=kv_cache.PoolGeometry.of(kp))
+    _assert_close(got[:q.shape[0]], _ragged_reference(q, k, v, mix, 0.3), jnp.float32)

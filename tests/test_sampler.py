@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pagedjax.runner import sampler
-from pagedjax.sampling_params import SamplingParams
+from pagedjax.sampling_params import SamplingParams, seed_words
 
 V, REAL_V = 16, 12
 
@@ -14,9 +14,10 @@ V, REAL_V = 16, 12
 def _run(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, seeds=None, positions=None):
   r = logits.shape[0]
   banned = np.full((r, 4), -1, np.int32) if banned is None else banned
-  seeds = np.arange(r, dtype=np.int32) if seeds is None else seeds
+  seeds = np.arange(r) if seeds is None else seeds
+  words = np.asarray([seed_words(int(x)) for x in seeds], np.uint32)  # [R, 2]
   positions = np.zeros(r, np.int32) if positions is None else positions
-  keys = sampler.row_keys(jnp.asarray(seeds), jnp.zeros(r, jnp.int32), jnp.asarray(positions))
+  keys = sampler.row_keys(jnp.asarray(words), jnp.zeros(r, jnp.int32), jnp.asarray(positions))
   full = lambda x, dt: jnp.full((r,), x, dt)
   return jax.device_get(sampler.sample(
       jnp.asarray(logits), temperature=full(temperature, jnp.float32), top_k=full(top_k, jnp.int32),
@@ -36,13 +37,42 @@ def test_greedy_is_argmax_over_real_vocab_and_logprobs_match():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(5, V)).astype(np.float32)
   logits[:, REAL_V:] = 100.0  # padded ids have the largest logits: must never be drawn
-  tokens, lps, top_ids, top_lps = _run(logits)
+  tokens, lps, ranks, top_ids, top_lps = _run(logits)
   for i in range(5):
     ref = _masked_log_softmax(logits[i])
-    assert tokens[i] == np.argmax(ref[:REAL_V])
+    assert tokens[i] == np.argmax(ref[:REAL_V]) and ranks[i] == 1
     np.testing.assert_allclose(lps[i], ref[tokens[i]], atol=1e-5)
     np.testing.assert_array_equal(top_ids[i], np.argsort(-ref)[:3])
     np.testing.assert_allclose(top_lps[i], np.sort(ref)[::-1][:3], atol=1e-5)
+
+
+def test_rank_of_a_sampled_token():
+  logits = np.tile(np.arange(V, dtype=np.float32)[::-1], (64, 1))  # id 0 most likely
+  tokens, lps, ranks, *_ = _run(logits, temperature=50.0, seeds=np.arange(64))
+  np.testing.assert_array_equal(ranks, tokens + 1)
+
+
+@pytest.mark.parametrize("temperature", [1e6, 1e30, 3e38])
+def test_huge_temperature_never_draws_padded_or_banned_ids(temperature):
+  """Dividing by a huge temperature must not lift masked ids back to level (uniform over
+  the allowed vocabulary instead)."""
+  logits = np.zeros((256, V), np.float32)
+  banned = np.full((256, 4), -1, np.int32)
+  banned[:, 0] = 5
+  tokens, *_ = _run(logits, temperature=temperature, banned=banned, seeds=np.arange(256))
+  assert (tokens < REAL_V).all() and not (tokens == 5).any()
+  assert len(set(tokens.tolist())) > 6  # spread over the allowed ids
+
+
+def test_seed_words_and_key_compatibility():
+  assert seed_words(7) == (0, 7) and seed_words(2**40 + 3) == (2**8, 3)
+  assert seed_words(-1) != seed_words(2**64 - 1) and seed_words(-1) == seed_words(-1)
+  assert seed_words(2**64) != seed_words(0) and seed_words(10**30) != seed_words(10**30 + 1)
+  # A 32-bit seed gives the same stream as jax.random.key(seed).
+  k = sampler.row_keys(jnp.asarray([seed_words(123)], jnp.uint32), jnp.zeros(1, jnp.int32),
+                       jnp.zeros(1, jnp.int32))
+  ref = jax.random.fold_in(jax.random.fold_in(jax.random.key(123), 0), 0)
+  np.testing.assert_array_equal(jax.random.key_data(k)[0], jax.random.key_data(ref))
 
 
 def test_banned_ids_never_drawn():
@@ -52,7 +82,7 @@ def test_banned_ids_never_drawn():
   banned[:, 0] = 3
   banned[:, 1] = 4
   for temp in (0.0, 1.0):
-    tokens, *_ = _run(logits, temperature=temp, banned=banned, seeds=np.arange(64, dtype=np.int32))
+    tokens, *_ = _run(logits, temperature=temp, banned=banned, seeds=np.arange(64))
     assert not np.isin(tokens, [3, 4]).any()
     assert (tokens < REAL_V).all()
 
@@ -86,7 +116,7 @@ def test_temperature_sampling_matches_softmax_frequencies():
 def test_draw_depends_on_seed_and_position_not_on_row():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(8, V)).astype(np.float32)
-  seeds = rng.integers(0, 2**31, size=8).astype(np.int32)
+  seeds = rng.integers(0, 2**62, size=8)
   pos = rng.integers(0, 50, size=8).astype(np.int32)
   a, *_ = _run(logits, temperature=1.0, seeds=seeds, positions=pos)
   perm = rng.permutation(8)

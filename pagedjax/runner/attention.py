@@ -1,38 +1,40 @@
-"""Paged attention for decode and prefill, behind one dispatch, plus dense references.
+"""Paged attention: the ragged (packed) step attention, decode and prefill, dense references.
 
-`paged_decode_attention`: one query token per sequence over its paged K/V context.
-`paged_prefill_attention`: T query tokens per sequence, causal over the cached context
-and themselves (their K/V must already be written into the pages).
+`ragged_paged_attention`: one packed batch of query tokens, decodes and prefill chunks
+of many sequences back to back, each token attending causally over its sequence's
+paged K/V (already written, this step's tokens included). This is what the engine's
+step calls. `paged_decode_attention` (one query per sequence) and
+`paged_prefill_attention` (T queries per sequence) are the same computation in
+rectangular form, kept as public entries for tests and benchmarks.
 
 Implementations (`impl=`):
 
-* "xla" (the CPU default): pure jnp/lax. A loop over chunks of block-table
-  columns; each step gathers the chunk's pages of every (kv head, sequence) with one
-  row gather from the pool viewed as `[num_kv_heads * num_blocks, block_size * head_dim]`
-  and folds them into an online softmax in float32. Decode is prefill with one query
-  per sequence at position `length - 1`, so both share this code. Chunking keeps every
-  temporary small (a few MB) whatever the context length: on the CPU backend,
-  materialising the whole gathered context costs more in fresh-memory page faults than
-  the attention itself. Speed (bench/attention.py): 2.6-3.5x the best contiguous layout
-  in float32, the gather itself being the cost (~3 GB/s on XLA:CPU); faster than
-  contiguous in bfloat16, where XLA:CPU upcasts whole operands either way.
-  Tried, at context 1024 / float32, paged / contiguous time: gather of the whole
-  context then einsum 6-9x (page faults on the 67 MB temporaries); the same with
-  `mode="promise_in_bounds"`, per-kv-head or page-row gathers 6-8x; gather fused into a
-  multiply-reduce 18x; Python-unrolled chunks (with or without a chain of
-  optimization barriers) 7-12x plus long compiles; `lax.map` over sequences ~3.5-4x;
-  this scan 2.6-4x (1, 4 or 8 pages per step alike; `unroll` no help).
-* "pallas" / "pallas_interpret": the decode kernel in
-  `pallas_kernels/paged_attention.py` (GPU, or interpreted on CPU for tests). Prefill
-  reuses it exactly: the (B, T) queries are flattened into B*T decode queries whose
-  length is `position + 1` (0 for padded rows) and whose block table is their
-  sequence's row.
+* "xla" (the CPU default): pure jnp/lax over *tiles*. A decode is a tile of one query;
+  a prefill chunk is cut into tiles of `TILE_SIZE` consecutive queries of one sequence.
+  All tiles of one kind run as one batch through `_attention_tiles`: a loop over chunks
+  of block-table columns, each step gathering the chunk's pages of every (kv head,
+  tile) with one row gather and folding them into an online softmax in float32. The
+  host builds the tiles (`AttentionMetadata`); the output is scattered back to the
+  packed token order.
+  The pool is read through its row view `[L * Hkv * N, bs * D]` (`kv_cache.to_rows`):
+  one page of one head is one contiguous row, and XLA:CPU gathers whole rows 4-10x
+  faster than multi-dimensional slices of the 5-D array. Inside the step, writes and
+  reads use that same view, so that no bitcast sits between a write and a read (on
+  XLA:CPU a one-token write becomes a dynamic-update-slice, and a bitcast consumer made
+  XLA duplicate it with a copy of the whole pool per layer: the old 0.5 s/token at
+  4096 blocks).
+  Chunking keeps every temporary small whatever the context: materialising a whole
+  gathered context costs more in fresh-memory page faults than the attention itself.
+* "pallas" / "pallas_interpret": the Pallas kernels (GPU, or interpreted on CPU for
+  tests): `pallas_kernels/ragged_paged_attention.py` for the ragged step (one launch,
+  the layer picked inside the kernel, so no layer of the pool is sliced out), and
+  `pallas_kernels/paged_attention.py` for `paged_decode_attention`.
 
-Masking: every key position `>= length` (or after the query's position) is removed
-with `where` on the scores *and* on V before any matmul, so padded block-table entries
-and stale or NaN data in unused pages can never reach the output (0 * NaN would).
-Block-table entries past a sequence's last page may hold any value; they are clamped
-into range before the gather. A query with nothing to attend to returns zeros.
+Masking: every key position after the query's position is removed with `where` on the
+scores *and* on V before any matmul, so stale or NaN data in unused pages can never
+reach the output (0 * NaN would). Block-table entries past a sequence's last page may
+hold any value; they are clamped into range before the gather. A query with nothing to
+attend to returns zeros.
 
 The dense references (`decode_attention_reference`, `prefill_attention_reference`)
 compute the same thing on contiguous K/V `[B, S, num_kv_heads, head_dim]`.
@@ -42,18 +44,92 @@ from __future__ import annotations
 
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pagedjax.runner import kv_cache as kvc
+
 IMPLS = ("xla", "pallas", "pallas_interpret")
 # Target size of one gathered K (or V) chunk in the xla path: small enough to stay in
-# cache and to be reused across scan steps, large enough to amortise the loop overhead.
+# cache and to be reused across loop steps, large enough to amortise the loop overhead.
 _CHUNK_BYTES = 1 << 20
+# Queries per prefill tile in the xla path (a chunk of q_len tokens takes
+# ceil(q_len / TILE_SIZE) tiles; each tile gathers its sequence's pages once).
+TILE_SIZE = 16
+
+
+@flax.struct.dataclass
+class AttentionMetadata:
+  """Where each packed query token sits, for `ragged_paged_attention`.
+
+  The xla path reads the tile fields, the Pallas path the ragged fields; the others are
+  None. Padding: token index >= T (dropped), position -1, table entries any value.
+
+  Attributes:
+    decode_token_index: i32[Sd] packed row of each one-token query.
+    decode_block_tables: i32[Sd, P] its sequence's pages.
+    decode_positions: i32[Sd] its position (-1: padding).
+    tile_token_index: i32[Np, Tq] packed rows of each prefill tile's queries.
+    tile_block_tables: i32[Np, P] the tile's sequence's pages.
+    tile_positions: i32[Np, Tq] query positions (-1: padding).
+    cu_q_lens: i32[S + 1] cumulative query lengths of the packed sequences.
+    kv_lens: i32[S] context length of each sequence, this step's tokens included.
+    block_tables: i32[S, P] pages of each sequence.
+    num_seqs: i32[1] sequences in use (the rest is padding).
+  """
+
+  decode_token_index: jax.Array | None = None  # [Sd]
+  decode_block_tables: jax.Array | None = None  # [Sd, P]
+  decode_positions: jax.Array | None = None  # [Sd]
+  tile_token_index: jax.Array | None = None  # [Np, Tq]
+  tile_block_tables: jax.Array | None = None  # [Np, P]
+  tile_positions: jax.Array | None = None  # [Np, Tq]
+  cu_q_lens: jax.Array | None = None  # [S + 1]
+  kv_lens: jax.Array | None = None  # [S]
+  block_tables: jax.Array | None = None  # [S, P]
+  num_seqs: jax.Array | None = None  # [1]
+
+
+def ragged_paged_attention(q, k, v, meta: AttentionMetadata, *, layer, sm_scale: float,
+                           impl: str, geometry: kvc.PoolGeometry):
+  """Causal attention of a packed batch of query tokens over their sequences' pages.
+
+  Args:
+    q: `[T, H, D]` packed queries.
+    k, v: the pools in the step's layout: rows `[L * Hkv * N, bs * D]` for "xla"
+      (`kv_cache.to_rows`), pages `[L, Hkv, N, bs, D]` for the Pallas impls.
+    meta: `AttentionMetadata` (tile fields for "xla", ragged fields for Pallas).
+    layer: the layer (int or traced int32 scalar).
+    sm_scale: softmax scale (Python float).
+    impl: "xla", "pallas" or "pallas_interpret".
+    geometry: the pool's static sizes.
+
+  Returns:
+    `[T, H, D]` in q.dtype; zeros in padding rows.
+  """
+  if impl == "xla":
+    t = q.shape[0]
+    out = jnp.zeros(q.shape, q.dtype)
+    for index, tables, pos in ((meta.decode_token_index[:, None], meta.decode_block_tables,
+                                meta.decode_positions[:, None]),
+                               (meta.tile_token_index, meta.tile_block_tables,
+                                meta.tile_positions)):
+      if index.size == 0:
+        continue
+      qt = q[jnp.minimum(index, t - 1)]  # [N, Tq, H, D]
+      o = _attention_tiles(qt, k, v, tables, pos, layer, sm_scale, geometry)
+      out = out.at[index].set(o, mode="drop")
+    return out
+  from pallas_kernels.ragged_paged_attention import ragged_paged_attention as kernel
+
+  return kernel(q, k, v, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
+                sm_scale=sm_scale, layer=layer, interpret=impl == "pallas_interpret")
 
 
 def _check(q, k_pages, v_pages, block_tables, seq_vectors: dict, sm_scale, impl, layer):
-  """Static checks shared by both entries; q is [B, T, H, D]."""
+  """Static checks shared by the rectangular entries; q is [B, T, H, D]."""
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   if not isinstance(sm_scale, (int, float)) or sm_scale <= 0:
@@ -62,8 +138,7 @@ def _check(q, k_pages, v_pages, block_tables, seq_vectors: dict, sm_scale, impl,
   if k_pages.ndim != rank or k_pages.shape != v_pages.shape:
     want = "[Hkv, N, bs, D]" if layer is None else "[L, Hkv, N, bs, D] (layer given)"
     raise ValueError(
-      f"k_pages, v_pages must be equal {want}, got {k_pages.shape} and {v_pages.shape}"
-    )
+      f"k_pages, v_pages must be equal {want}, got {k_pages.shape} and {v_pages.shape}")
   if isinstance(layer, int) and not 0 <= layer < k_pages.shape[0]:
     raise ValueError(f"layer {layer} out of range [0, {k_pages.shape[0]})")
   b, _, h, d = q.shape
@@ -79,9 +154,8 @@ def _check(q, k_pages, v_pages, block_tables, seq_vectors: dict, sm_scale, impl,
       raise ValueError(f"{name} must be [{b}], got {x.shape}")
 
 
-def paged_decode_attention(
-  q, k_pages, v_pages, block_tables, lengths, *, sm_scale: float, impl: str = "xla", layer=None
-):
+def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale: float,
+                           impl: str = "xla", layer=None):
   """Attention of one query token per sequence over its paged K/V.
 
   Args:
@@ -94,8 +168,6 @@ def paged_decode_attention(
       sm_scale: softmax scale (Python float), e.g. `D ** -0.5`.
       impl: "xla", "pallas" or "pallas_interpret".
       layer: None, or the layer (int or int32 scalar, may be traced) of all-layer pools.
-          Inside a jitted step prefer this to slicing `k_pages[layer]` yourself: on
-          XLA:CPU the slice is materialised (a copy of the layer's pool per call).
 
   Returns:
       `[B, H, D]` in q.dtype, accumulated in float32; zeros where length == 0.
@@ -108,24 +180,12 @@ def paged_decode_attention(
 def _decode(q, k_pages, v_pages, block_tables, lengths, layer, *, sm_scale, impl):
   if impl == "xla":
     q_pos = (lengths.astype(jnp.int32) - 1)[:, None]  # [B, 1]
-    return _attention_xla(q[:, None], k_pages, v_pages, block_tables, q_pos, sm_scale, layer=layer)[
-      :, 0
-    ]
-  return _pallas(q, k_pages, v_pages, block_tables, lengths, sm_scale, impl, layer)
+    return _rect_xla(q[:, None], k_pages, v_pages, block_tables, q_pos, sm_scale, layer)[:, 0]
+  return _pallas_decode(q, k_pages, v_pages, block_tables, lengths, sm_scale, impl, layer)
 
 
-def paged_prefill_attention(
-  q,
-  k_pages,
-  v_pages,
-  block_tables,
-  context_lens,
-  query_lens,
-  *,
-  sm_scale: float,
-  impl: str = "xla",
-  layer=None,
-):
+def paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, query_lens, *,
+                            sm_scale: float, impl: str = "xla", layer=None):
   """Causal attention of T new tokens per sequence over cached context and themselves.
 
   Query t of sequence b sits at position `context_lens[b] + t` and attends to every
@@ -134,44 +194,34 @@ def paged_prefill_attention(
 
   Args:
       q: `[B, T, H, D]`; rows t >= query_lens[b] are padding.
-      k_pages, v_pages: `[Hkv, N, bs, D]` page pools of one layer (or `[L, Hkv, N, bs, D]`
-          with `layer`, as in `paged_decode_attention`).
+      k_pages, v_pages: `[Hkv, N, bs, D]` (or `[L, Hkv, N, bs, D]` with `layer`).
       block_tables: `int32[B, P]` covering positions `< context_lens + query_lens`.
       context_lens: `int32[B]` tokens already cached before these queries.
       query_lens: `int32[B]` valid query rows per sequence (0 <= query_lens <= T).
       sm_scale: softmax scale (Python float).
       impl: "xla", "pallas" or "pallas_interpret".
-      layer: None, or the layer of all-layer pools (see `paged_decode_attention`).
+      layer: None, or the layer of all-layer pools.
 
   Returns:
       `[B, T, H, D]` in q.dtype; zeros in padded rows.
   """
-  _check(
-    q,
-    k_pages,
-    v_pages,
-    block_tables,
-    {"context_lens": context_lens, "query_lens": query_lens},
-    sm_scale,
-    impl,
-    layer,
-  )
-  return _prefill(
-    q, k_pages, v_pages, block_tables, context_lens, query_lens, layer, sm_scale=sm_scale, impl=impl
-  )
+  _check(q, k_pages, v_pages, block_tables,
+         {"context_lens": context_lens, "query_lens": query_lens}, sm_scale, impl, layer)
+  return _prefill(q, k_pages, v_pages, block_tables, context_lens, query_lens, layer,
+                  sm_scale=sm_scale, impl=impl)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "impl"))
-def _prefill(q, k_pages, v_pages, block_tables, context_lens, query_lens, layer, *, sm_scale, impl):
+def _prefill(q, k_pages, v_pages, block_tables, context_lens, query_lens, layer, *, sm_scale,
+             impl):
   b, t, h, d = q.shape
   q_pos = _query_positions(context_lens, query_lens, t)  # [B, T]
   if impl == "xla":
-    return _attention_xla(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer=layer)
+    return _rect_xla(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer)
   # Flatten into B*T decode queries: length = position + 1, 0 for padded rows.
   tables = jnp.repeat(block_tables, t, axis=0)  # [B*T, P]
-  out = _pallas(
-    q.reshape(b * t, h, d), k_pages, v_pages, tables, (q_pos + 1).reshape(-1), sm_scale, impl, layer
-  )
+  out = _pallas_decode(q.reshape(b * t, h, d), k_pages, v_pages, tables,
+                       (q_pos + 1).reshape(-1), sm_scale, impl, layer)
   return out.reshape(b, t, h, d)
 
 
@@ -182,95 +232,73 @@ def _query_positions(context_lens, query_lens, t: int):
   return jnp.where(rows < query_lens[:, None], pos, -1)
 
 
-def _pallas(q, k_pages, v_pages, block_tables, lengths, sm_scale, impl, layer):
+def _rect_xla(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer):
+  """The tiles path on 4-D (one layer) or 5-D pools, outside a step."""
+  if layer is None:
+    k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+  geometry = kvc.PoolGeometry.of(k_pages)
+  return _attention_tiles(q, kvc.to_rows(k_pages), kvc.to_rows(v_pages), block_tables, q_pos,
+                          layer, sm_scale, geometry)
+
+
+def _pallas_decode(q, k_pages, v_pages, block_tables, lengths, sm_scale, impl, layer):
   # Imported here so the xla path works without the kernel module (and its Triton deps).
   from pallas_kernels.paged_attention import paged_attention
 
   if layer is not None:
     k_pages, v_pages = k_pages[layer], v_pages[layer]
-  return paged_attention(
-    q,
-    k_pages,
-    v_pages,
-    block_tables.astype(jnp.int32),
-    lengths.astype(jnp.int32),
-    sm_scale=sm_scale,
-    interpret=impl == "pallas_interpret",
-  )
+  return paged_attention(q, k_pages, v_pages, block_tables.astype(jnp.int32),
+                         lengths.astype(jnp.int32), sm_scale=sm_scale,
+                         interpret=impl == "pallas_interpret")
 
 
-def _row_gather(table, rows):
-  # table [R, W], rows int32[...] in [0, R) -> [..., W]; one contiguous row per index.
+def _gather_rows(rows, index):
+  """rows [R, W], index int32[...] in [0, R) -> [..., W] float32: one row per index."""
   dnums = lax.GatherDimensionNumbers(
-    offset_dims=(rows.ndim,), collapsed_slice_dims=(0,), start_index_map=(0,)
-  )
-  return lax.gather(
-    table,
-    rows[..., None],
-    dnums,
-    slice_sizes=(1, table.shape[1]),
-    mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
-  )
+    offset_dims=(index.ndim,), collapsed_slice_dims=(0,), start_index_map=(0,))
+  out = kvc.from_storage(lax.gather(rows, index[..., None], dnums, slice_sizes=(1, rows.shape[1]),
+                                   mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS))
+  if out.dtype != jnp.float32:
+    # Keeps XLA from turning convert(gather(pool)) into gather(convert(pool)), which
+    # would convert (copy) the whole pool.
+    out = lax.optimization_barrier(out)
+  return out.astype(jnp.float32)
 
 
-def _gather_f32(rows_table, rows):
-  """Gathers rows of a [R, W] table as float32.
+def _attention_tiles(q, k_rows, v_rows, block_tables, q_pos, layer, sm_scale,
+                     geometry: kvc.PoolGeometry, pages_per_step=None):
+  """q [B, T, H, D] (B tiles of T queries), q_pos int32[B, T] (-1: padding) -> [B, T, H, D].
 
-  16-bit tables travel as uint16: on a float table XLA rewrites convert(gather(x)) into
-  gather(convert(x)) and hoists that convert of the whole pool out of the scan (the
-  uint16 view is a copy on XLA:CPU too, but of half the bytes: measured 1.7x faster).
-  """
-  if rows_table.dtype.itemsize != 2:
-    return _row_gather(rows_table, rows).astype(jnp.float32)
-  bits = _row_gather(lax.bitcast_convert_type(rows_table, jnp.uint16), rows)
-  return lax.bitcast_convert_type(bits, rows_table.dtype).astype(jnp.float32)
-
-
-def _attention_xla(
-  q, k_pages, v_pages, block_tables, q_pos, sm_scale, pages_per_step=None, *, layer=None
-):
-  """q [B, T, H, D], q_pos int32[B, T] (-1: padded row) -> [B, T, H, D].
-
-  pages_per_step: block-table columns per scan step; None sizes a K chunk to
-  _CHUNK_BYTES. layer: None for pages [Hkv, N, bs, D], else the layer of [L, Hkv, N, bs, D].
+  k_rows / v_rows: the pools as rows `[L * Hkv * N, bs * D]`; block_tables [B, P] the
+  pages of each tile's sequence. pages_per_step: block-table columns per loop step;
+  None sizes a gathered K chunk to _CHUNK_BYTES.
   """
   b, t, h, d = q.shape
-  if layer is not None and k_pages.dtype.itemsize == 2:
-    # 16-bit pools are gathered through a uint16 view, which XLA:CPU materialises:
-    # view one layer, not all of them.
-    k_pages, v_pages, layer = k_pages[layer], v_pages[layer], None
-  hkv, n, bs, _ = k_pages.shape[-4:]
+  hkv, n, bs = geometry.num_kv_heads, geometry.num_blocks, geometry.block_size
   g = h // hkv
   p = block_tables.shape[1]
-  # Block-table columns per scan step, so one gathered K chunk is ~_CHUNK_BYTES.
-  col_bytes = hkv * b * bs * d * k_pages.dtype.itemsize
+  col_bytes = hkv * b * bs * d * 4
   c = min(p, pages_per_step or max(1, _CHUNK_BYTES // col_bytes))
   steps = -(-p // c)
-  # Rows of the [(L *) Hkv * N, bs * D] pool view. Table entries are clamped into range
-  # (entries past a sequence's last page may hold anything; those positions are masked).
+  # Rows of the pool view; table entries are clamped into range (entries past a
+  # sequence's last page may hold anything; those positions are masked).
   pages = jnp.clip(block_tables.astype(jnp.int32), 0, n - 1)
   pages = jnp.pad(pages, ((0, 0), (0, steps * c - p)))  # [B, steps * c]
-  first_row = 0 if layer is None else jnp.asarray(layer, jnp.int32) * (hkv * n)
-  heads = jnp.arange(hkv, dtype=jnp.int32)[:, None, None] * n + first_row
-  rows = heads + pages[None]  # [Hkv, B, steps*c]
+  heads = (jnp.asarray(layer, jnp.int32) * hkv + jnp.arange(hkv, dtype=jnp.int32)) * n
+  rows = heads[:, None, None] + pages[None]  # [Hkv, B, steps*c]
   rows = rows.reshape(hkv, b, steps, c).transpose(2, 0, 1, 3)  # [steps, Hkv, B, c]
-  # [L * Hkv * N, bs * D] (a free reshape): a page of one head is one contiguous row.
-  k_rows = k_pages.reshape(-1, bs * d)
-  v_rows = v_pages.reshape(-1, bs * d)
   # [Hkv, B, G*T, D]: the query heads of one kv head and all their tokens together.
   qg = q.reshape(b, t, hkv, g, d).transpose(2, 0, 3, 1, 4).reshape(hkv, b, g * t, d)
   qg = qg.astype(jnp.float32)
   q_pos_g = jnp.tile(q_pos, (1, g))[None]  # [1, B, G*T] same order as qg rows
+  last_pos = q_pos.max(1)  # [B]
 
   def step(i, carry):
     m, l, acc = carry  # [Hkv, B, G*T], [Hkv, B, G*T], [Hkv, B, G*T, D]
     rows_c = lax.dynamic_index_in_dim(rows, i, keepdims=False)  # [Hkv, B, c]
-    first = i * (c * bs)
-    # float32 chunks: XLA:CPU upcasts bfloat16 dot operands anyway; doing it here on a
-    # small chunk avoids a full-size convert.
-    k = _gather_f32(k_rows, rows_c).reshape(hkv, b, c * bs, d)  # [Hkv, B, c*bs, D]
-    v = _gather_f32(v_rows, rows_c).reshape(hkv, b, c * bs, d)
-    kv_pos = first + jnp.arange(c * bs, dtype=jnp.int32)  # [c*bs]
+    k = _gather_rows(k_rows, rows_c).reshape(hkv, b, c * bs, d)  # [Hkv, B, c*bs, D]
+    v = _gather_rows(v_rows, rows_c).reshape(hkv, b, c * bs, d)
+    kv_pos = i * (c * bs) + jnp.arange(c * bs, dtype=jnp.int32)  # [c*bs]
     mask = kv_pos[None, None, None, :] <= q_pos_g[..., None]  # [1, B, G*T, c*bs]
     s = jnp.einsum("hbqd,hbkd->hbqk", qg, k)
     s = jnp.where(mask, s * sm_scale, -jnp.inf)
@@ -279,7 +307,7 @@ def _attention_xla(
     prob = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
     corr = jnp.exp(m - m_safe)
     # Keys no query may see: zero V so that stale/NaN pages cannot leak via 0 * NaN.
-    seen = kv_pos[None, :] <= q_pos.max(1)[:, None]  # [B, c*bs]
+    seen = kv_pos[None, :] <= last_pos[:, None]  # [B, c*bs]
     v = jnp.where(seen[None, :, :, None], v, 0)
     pv = jnp.einsum("hbqk,hbkd->hbqd", prob, v)
     return m_new, l * corr + prob.sum(-1), acc * corr[..., None] + pv
@@ -289,9 +317,8 @@ def _attention_xla(
     jnp.zeros((hkv, b, g * t), jnp.float32),
     jnp.zeros((hkv, b, g * t, d), jnp.float32),
   )
-  # Only the chunks some query can see: the trip count follows the batch's longest
-  # context, not the block-table width (padded to the model's whole context), so a
-  # batch of short sequences reads a few chunks instead of all of them.
+  # Only the chunks some query can see: the trip count follows the longest context, not
+  # the block-table width (the model's whole context).
   num_steps = jnp.clip((jnp.max(q_pos) + c * bs) // (c * bs), 0, steps)
   _, l, acc = lax.fori_loop(0, num_steps, step, init)
   out = acc / jnp.where(l == 0, 1.0, l)[..., None]  # [Hkv, B, G*T, D]; l == 0 -> zeros

@@ -8,7 +8,9 @@ and every block copy/swap, this module only executes them on device.
 Two kinds of entry points:
 
 * traceable pure functions for use inside a caller's jitted step:
-  `write_kv_pages` (one layer), `write_kv_layer`, `copy_kv_blocks`;
+  `write_kv_pages` (one layer), `write_kv_layer`, `copy_kv_blocks` on the 5-D pages, and
+  `write_kv_rows` on the row view `[L * Hkv * N, bs * D]` (`to_rows`)
+  that the xla step uses throughout (see pagedjax.runner.attention for why);
 * jitted public entries that *donate* the pages, so the update happens in place:
   `write_kv`, `copy_blocks`, `swap_out_blocks`, `swap_in_blocks`. After such a call
   the `KVCache` that was passed in is deleted; use the returned one.
@@ -29,12 +31,14 @@ Not here: deciding which slots or blocks to use (block_manager), attention (atte
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.sharding import SingleDeviceSharding
 
 # Number of times each jitted entry has been traced (= compiled programs), by name.
@@ -46,6 +50,30 @@ def trace_counts() -> dict[str, int]:
   return dict(_TRACES)
 
 
+# Bit-pattern storage: bfloat16 pages may be stored as uint16 words. XLA:CPU has no
+# native bfloat16 scatter: it converts the whole operand to float32, scatters and
+# converts back, i.e. two full-pool copies per layer for a one-token write. An integer
+# scatter of the same bits is native and in place, so the xla step stores bfloat16 pools
+# as uint16 and views the few rows it gathers as bfloat16 (`from_storage`).
+_BIT_STORAGE = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16)}
+_LOGICAL = {v: k for k, v in _BIT_STORAGE.items()}
+
+
+def to_storage(x: jax.Array, storage_dtype) -> jax.Array:
+  """x (any float) as the pages' storage dtype (bit pattern when that is uint16)."""
+  storage_dtype = jnp.dtype(storage_dtype)
+  if storage_dtype in _LOGICAL:
+    return lax.bitcast_convert_type(x.astype(_LOGICAL[storage_dtype]), storage_dtype)
+  return x.astype(storage_dtype)
+
+
+def from_storage(x: jax.Array) -> jax.Array:
+  """Stored values in their logical float dtype (bit-pattern words viewed as bfloat16)."""
+  if x.dtype in _LOGICAL:
+    return lax.bitcast_convert_type(x, _LOGICAL[x.dtype])
+  return x
+
+
 @flax.struct.dataclass
 class KVCache:
   """K and V pages of every layer.
@@ -53,6 +81,7 @@ class KVCache:
   Attributes:
       k_pages: `[num_layers, num_kv_heads, num_blocks, block_size, head_dim]` keys.
       v_pages: `[num_layers, num_kv_heads, num_blocks, block_size, head_dim]` values.
+        float32 or bfloat16, or uint16 holding bfloat16 bits (`init_kv_cache(bit_storage=)`).
   """
 
   k_pages: jax.Array  # [L, Hkv, N, bs, D]
@@ -80,7 +109,8 @@ class KVCache:
 
   @property
   def dtype(self) -> jnp.dtype:
-    return self.k_pages.dtype
+    """The values' dtype (bfloat16 for bit-pattern storage)."""
+    return _LOGICAL.get(self.k_pages.dtype, self.k_pages.dtype)
 
   @property
   def nbytes(self) -> int:
@@ -95,12 +125,15 @@ def init_kv_cache(
   block_size: int,
   head_dim: int,
   dtype=jnp.float32,
+  bit_storage: bool = False,
 ) -> KVCache:
   """Allocates a zero-filled cache.
 
   Args:
       num_layers, num_kv_heads, num_blocks, block_size, head_dim: positive sizes.
       dtype: float32 or bfloat16.
+      bit_storage: store bfloat16 as uint16 bit patterns (what the xla step uses on
+        CPU; see `to_storage`). No effect on float32.
 
   Returns:
       A `KVCache` with both page arrays `[num_layers, num_kv_heads, num_blocks,
@@ -115,6 +148,8 @@ def init_kv_cache(
   dtype = jnp.dtype(dtype)
   if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
     raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+  if bit_storage:
+    dtype = _BIT_STORAGE.get(dtype, dtype)
   # Committed to the default device: the arrays that come back from the swap entries
   # are committed, and jit keys its compiled programs on commitment, so an uncommitted
   # initial cache would compile every step program a second time after the first swap.
@@ -127,16 +162,80 @@ def init_kv_cache(
 # Traceable pure functions.
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolGeometry:
+  """Static sizes of a page pool `[num_layers, num_kv_heads, num_blocks, block_size, head_dim]`."""
+
+  num_layers: int
+  num_kv_heads: int
+  num_blocks: int
+  block_size: int
+  head_dim: int
+
+  @classmethod
+  def of(cls, pages: jax.Array) -> PoolGeometry:
+    return cls(*pages.shape)
+
+  @property
+  def shape(self) -> tuple[int, int, int, int, int]:
+    return (self.num_layers, self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim)
+
+
+def to_rows(pages: jax.Array) -> jax.Array:
+  """The row view `[L * Hkv * N, bs * D]` of a pool (a free reshape): one page of one
+  head of one layer is row `(layer * Hkv + head) * N + block`."""
+  return pages.reshape(-1, pages.shape[-2] * pages.shape[-1])
+
+
+def from_rows(rows: jax.Array, geometry: PoolGeometry) -> jax.Array:
+  return rows.reshape(geometry.shape)
+
+
 def _drop_padding(ids: jax.Array, size: int) -> jax.Array:
   # Negative ids would wrap around under numpy indexing rules; send them out of
   # range instead so that a scatter with mode="drop" skips them.
   return jnp.where(ids < 0, size, ids)
 
 
+def write_kv_rows(k_rows: jax.Array, v_rows: jax.Array, layer, k: jax.Array, v: jax.Array,
+                  slot_mapping: jax.Array, geometry: PoolGeometry) -> tuple[jax.Array, jax.Array]:
+  """Scatters new tokens' K/V into their slots of one layer, on the row view.
+
+  Args:
+      k_rows, v_rows: `[L * Hkv * N, bs * D]` (`to_rows`).
+      layer: layer index (int or int32 scalar, may be traced).
+      k, v: `[T, Hkv, D]` for T new tokens.
+      slot_mapping: `int32[T]`, `block * bs + offset`; `< 0` is padding (not written).
+          Slots must be distinct.
+      geometry: the pool's sizes.
+
+  Returns:
+      The updated `(k_rows, v_rows)`; in place when the caller donates them.
+  """
+  hkv, n, bs, d = geometry.num_kv_heads, geometry.num_blocks, geometry.block_size, geometry.head_dim
+  slots = slot_mapping.astype(jnp.int32)  # [T]
+  heads = (jnp.asarray(layer, jnp.int32) * hkv + jnp.arange(hkv, dtype=jnp.int32)) * n
+  row = heads[None, :] + slots[:, None] // bs  # [T, Hkv]
+  row = jnp.where(slots[:, None] < 0, k_rows.shape[0], row)  # padding: out of range
+  col = jnp.broadcast_to((slots % bs * d)[:, None], row.shape)
+  index = jnp.stack([row, col], axis=-1)  # [T, Hkv, 2]: (row, first column) of each write
+  dnums = lax.ScatterDimensionNumbers(update_window_dims=(2,), inserted_window_dims=(0,),
+                                      scatter_dims_to_operand_dims=(0, 1))
+
+  def put(rows, x):
+    return lax.scatter(rows, index, to_storage(x, rows.dtype), dnums, indices_are_sorted=False,
+                       unique_indices=True, mode=lax.GatherScatterMode.FILL_OR_DROP)
+
+  return put(k_rows, k), put(v_rows, v)
+
+
 def write_kv_layer(
   k_pages: jax.Array, v_pages: jax.Array, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   """Scatters new tokens' K/V into their slots of one layer of all-layer pages.
+
+  Indexes the 5-D pages directly (no reshape, so no view sits between this write and
+  the reads after it: see `write_kv_rows` for the row-view form the xla step uses).
 
   Args:
       k_pages, v_pages: `[L, Hkv, N, bs, D]`.
@@ -148,14 +247,20 @@ def write_kv_layer(
   Returns:
       The updated `(k_pages, v_pages)`; in place when the caller donates them.
   """
-  num_layers, hkv, n, bs, d = k_pages.shape
-  slots = _drop_padding(slot_mapping.astype(jnp.int32), n * bs)  # [T]
+  _, hkv, n, bs, _ = k_pages.shape
+  slots = slot_mapping.astype(jnp.int32)  # [T]
+  block = _drop_padding(jnp.where(slots < 0, -1, slots // bs), n)  # [T]
+  heads = jnp.arange(hkv, dtype=jnp.int32)
+  layer_ix = jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (slots.shape[0], hkv))
+  index = jnp.stack([layer_ix, jnp.broadcast_to(heads, layer_ix.shape),
+                     jnp.broadcast_to(block[:, None], layer_ix.shape),
+                     jnp.broadcast_to((slots % bs)[:, None], layer_ix.shape)], axis=-1)
+  dnums = lax.ScatterDimensionNumbers(update_window_dims=(2,), inserted_window_dims=(0, 1, 2, 3),
+                                      scatter_dims_to_operand_dims=(0, 1, 2, 3))
 
-  def put(pages, x):
-    flat = pages.reshape(num_layers, hkv, n * bs, d)
-    # Advanced indices (layer, slots) around a slice: indexed shape is [T, Hkv, D].
-    flat = flat.at[layer, :, slots].set(x.astype(pages.dtype), mode="drop")
-    return flat.reshape(pages.shape)
+  def put(pages, x):  # x [T, Hkv, D]
+    return lax.scatter(pages, index, to_storage(x, pages.dtype), dnums, unique_indices=True,
+                       mode=lax.GatherScatterMode.FILL_OR_DROP)
 
   return put(k_pages, k), put(v_pages, v)
 
@@ -254,7 +359,7 @@ def init_host_pool(
   if memory_kind is None:
     memory_kind = "numpy" if sharding is None else "pinned_host"
   shape = (cache.num_layers, cache.num_kv_heads, num_host_blocks, cache.block_size, cache.head_dim)
-  zeros = np.zeros(shape, cache.dtype)
+  zeros = np.zeros(shape, cache.k_pages.dtype)  # the storage dtype: swaps copy bits
   if memory_kind == "numpy":
     return HostKVPool(zeros, zeros.copy(), memory_kind="numpy")
   return HostKVPool(

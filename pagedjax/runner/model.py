@@ -7,9 +7,10 @@ optional tied input/output embeddings. Optional q/k/v biases (Qwen2) and per-hea
 q/k RMSNorm (Qwen3) are config flags so those checkpoints map onto the same tree.
 
 What it does here: the dense no-cache forward (`Transformer.__call__`), the reference
-that every cached/paged path must match, and the paged forward (`forward_paged`) that
-the engine jits: it writes each layer's new K/V into the paged cache and attends through
-the attention dispatch (xla | pallas). `Attention.qkv` (projections + rope) and
+that every cached/paged path must match, and the paged forward (`forward_packed`) that
+the engine jits: one packed batch of decode tokens and prefill chunks, each layer writing
+its new K/V into the paged cache before attending through the attention dispatch (xla |
+pallas). `Attention.qkv` (projections + rope) and
 `Attention.out` are separate methods so a paged forward reuses them unchanged and
 differs only in where K/V live.
 
@@ -42,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pagedjax.runner.attention import paged_decode_attention, paged_prefill_attention
-from pagedjax.runner.kv_cache import KVCache, write_kv_layer
+from pagedjax.runner import kv_cache as kvc
+from pagedjax.runner.attention import AttentionMetadata, ragged_paged_attention
+from pagedjax.runner.kv_cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,69 +334,59 @@ class Transformer(nnx.Module):
       x = layer(x, positions)
     return self.logits(x)
 
-  def forward_paged(
+  def forward_packed(
     self,
     tokens: jax.Array,
     positions: jax.Array,
     kv: KVCache,
     *,
-    block_tables: jax.Array,
-    context_lens: jax.Array,
-    query_lens: jax.Array,
     slot_mapping: jax.Array,
+    attn_meta: AttentionMetadata,
+    logits_index: jax.Array,
     impl: str = "xla",
-    last_only: bool = True,
   ) -> tuple[jax.Array, KVCache]:
-    """Paged forward: writes this step's K/V into the pages, attends over them.
+    """Paged forward of one packed batch: writes this step's K/V, attends, returns logits.
 
-    Row b computes query_lens[b] tokens sitting at positions context_lens[b] + t, on
-    top of context_lens[b] tokens already cached in its blocks. T == 1 is a decode
-    step (paged_decode_attention), T > 1 a prefill / recompute chunk
-    (paged_prefill_attention). Padded rows have query_lens 0 and slots < 0: nothing
-    is written for them and their outputs are ignored.
+    The T tokens are decode tokens and prefill chunks of many sequences back to back
+    (no per-sequence padding); `attn_meta` says which sequence each belongs to. Every
+    layer writes the tokens' K/V into their slots before its attention reads the pages,
+    so a chunk attends to itself causally. Padding tokens have slot -1 (nothing written)
+    and their outputs are ignored.
 
     Args:
-      tokens: int32 [B, T] token ids.
-      positions: int32 [B, T] positions (rope).
+      tokens: int32 [T] token ids.
+      positions: int32 [T] positions (rope).
       kv: the paged KV cache (all layers).
-      block_tables: int32 [B, P] physical block of each logical block.
-      context_lens: int32 [B] tokens cached before this step.
-      query_lens: int32 [B] valid tokens of this step (<= T).
-      slot_mapping: int32 [B, T] flat slot (block * block_size + offset); < 0 = padding.
+      slot_mapping: int32 [T] flat slot (block * block_size + offset); < 0 = padding.
+      attn_meta: `attention.AttentionMetadata` for the impl.
+      logits_index: int32 [R] token rows whose logits are returned.
       impl: attention implementation ("xla", "pallas", "pallas_interpret").
-      last_only: return logits only at each row's last valid token.
 
     Returns:
-      (logits float32 [B, V] if last_only else [B, T, V], the updated cache).
+      (logits float32 [R, V], the updated cache).
     """
-    b, t = tokens.shape
-    cfg = self.cfg
-    x = self.embed_tokens(tokens)  # [B, T, dim]
-    # Whole [L, Hkv, N, bs, D] pools plus a layer index: on XLA:CPU, slicing k_pages[i]
-    # here would materialise a copy of the layer's pool on every call.
-    k_pages, v_pages = kv.k_pages, kv.v_pages
-    flat_slots = slot_mapping.reshape(b * t)
+    geometry = kvc.PoolGeometry.of(kv.k_pages)
+    # The xla path works on the pool's row view from the first write to the last read
+    # (see pagedjax.runner.attention); the Pallas kernels take the 5-D pages.
+    rows = impl == "xla"
+    k_pool, v_pool = ((kvc.to_rows(kv.k_pages), kvc.to_rows(kv.v_pages)) if rows
+                      else (kv.k_pages, kv.v_pages))
+    x = self.embed_tokens(tokens[None])  # [1, T, dim]
     for i, layer in enumerate(self.layers):
       attn = layer.attn
-      q, k, v = attn.qkv(layer.attn_norm(x), positions)  # [B, T, H|Hkv, D]
-      kv_shape = (b * t, cfg.num_kv_heads, cfg.head_dim)
-      k_pages, v_pages = write_kv_layer(
-          k_pages, v_pages, i, k.reshape(kv_shape), v.reshape(kv_shape), flat_slots)
-      if t == 1:
-        o = paged_decode_attention(
-            q[:, 0], k_pages, v_pages, block_tables, context_lens + query_lens,
-            sm_scale=attn.sm_scale, impl=impl, layer=i)[:, None]  # [B, 1, H, D]
+      q, k, v = attn.qkv(layer.attn_norm(x), positions[None])  # [1, T, H|Hkv, D]
+      if rows:
+        k_pool, v_pool = kvc.write_kv_rows(k_pool, v_pool, i, k[0], v[0], slot_mapping, geometry)
       else:
-        o = paged_prefill_attention(
-            q, k_pages, v_pages, block_tables, context_lens, query_lens,
-            sm_scale=attn.sm_scale, impl=impl, layer=i)  # [B, T, H, D]
-      x = x + attn.out(o)
+        k_pool, v_pool = kvc.write_kv_layer(k_pool, v_pool, i, k[0], v[0], slot_mapping)
+      o = ragged_paged_attention(q[0], k_pool, v_pool, attn_meta, layer=i,
+                                 sm_scale=attn.sm_scale, impl=impl, geometry=geometry)
+      x = x + attn.out(o[None])
       x = x + layer.mlp(layer.mlp_norm(x))
-    if last_only:
-      last = jnp.maximum(query_lens - 1, 0)  # [B]
-      x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [B, 1, dim]
-      return self.logits(x)[:, 0], kv.replace(k_pages=k_pages, v_pages=v_pages)
-    return self.logits(x), kv.replace(k_pages=k_pages, v_pages=v_pages)
+    logits = self.logits(x[:, logits_index])[0]  # [R, V]: only the rows that sample
+    if rows:
+      k_pool, v_pool = kvc.from_rows(k_pool, geometry), kvc.from_rows(v_pool, geometry)
+    return logits, kv.replace(k_pages=k_pool, v_pages=v_pool)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -1,12 +1,17 @@
-"""Token sampling on device: greedy, temperature, top-k, top-p, bans.
+"""Token sampling on device: greedy, temperature, top-k, top-p, bans, top logprobs.
 
-Every row carries its own settings, so one jitted program serves a batch of
-requests with different SamplingParams. The PRNG key of a row is derived from
-(request seed, sample index, output position) and never from the batch slot,
-so a request draws the same tokens whatever else shares its batch and however
-often it is preempted. Logprobs are the log-softmax of the raw logits (before
-temperature / top-k / top-p), after removing ids outside the real vocabulary
-and banned ids; this is what cumulative_logprob and beam search add up.
+Every row carries its own settings, so one jitted program serves a batch of requests
+with different SamplingParams. The PRNG key of a row is derived from (request seed,
+sample index, output position) and never from the batch slot, so a request draws the
+same tokens whatever else shares its batch, however its prompt was chunked and however
+often it is preempted. A seed is 64 bits, passed as two uint32 words (the threefry key
+data), so every Python seed maps to its own stream (see
+`SamplingParams.device_seed`).
+
+Logprobs are the log-softmax of the raw logits (before temperature / top-k / top-p),
+after removing ids outside the real vocabulary and banned ids; this is what
+cumulative_logprob, beam search and the returned top logprobs use (vLLM's default
+"raw" logprobs).
 """
 
 from __future__ import annotations
@@ -14,14 +19,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_NEG_INF = -1e30
+_NEG_INF = -jnp.inf
 
 
 def row_keys(seeds: jax.Array, sample_indices: jax.Array, positions: jax.Array) -> jax.Array:
-  """One PRNG key per row from (seed, sample index, output position): [R] ints -> [R] keys."""
+  """One PRNG key per row: seeds uint32 [R, 2] (hi, lo words), indices / positions [R] int."""
 
   def one(seed, index, pos):
-    key = jax.random.key(seed.astype(jnp.uint32))
+    key = jax.random.wrap_key_data(seed.astype(jnp.uint32), impl="threefry2x32")
     return jax.random.fold_in(jax.random.fold_in(key, index), pos)
 
   return jax.vmap(one)(seeds, sample_indices, positions)
@@ -34,7 +39,7 @@ def sample(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
   Args:
     logits: [R, V] float logits (V may exceed vocab_size: padded ids are masked).
     temperature: [R] float; < 1e-5 means greedy (argmax).
-    top_k: [R] int; 0 keeps every token.
+    top_k: [R] int; 0 keeps every token (values above V keep every token too).
     top_p: [R] float in (0, 1].
     keys: [R] PRNG keys (see `row_keys`).
     banned_ids: [R, K] int32 token ids that may not be drawn (-1 = unused).
@@ -42,15 +47,15 @@ def sample(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
     num_top_logprobs: how many (id, logprob) pairs to return per row (static).
 
   Returns:
-    tokens [R] int32, logprobs [R] float32 (of the drawn tokens),
-    top_ids [R, num_top_logprobs] int32, top_logprobs [R, num_top_logprobs] f32.
+    tokens [R] int32, logprobs [R] float32 (of the drawn tokens), ranks [R] int32 (1 =
+    the most likely token), top_ids [R, num_top_logprobs] int32,
+    top_logprobs [R, num_top_logprobs] f32.
   """
   logits = logits.astype(jnp.float32)
   _, v = logits.shape
   ids = jnp.arange(v, dtype=jnp.int32)
-  allowed = ids[None, :] < vocab_size
   banned = (banned_ids[:, :, None] == ids[None, None, :]).any(axis=1)  # [R, V]
-  allowed = allowed & ~banned
+  allowed = (ids[None, :] < vocab_size) & ~banned
   logits = jnp.where(allowed, logits, _NEG_INF)
   logprobs = jax.nn.log_softmax(logits, axis=-1)
 
@@ -58,7 +63,9 @@ def sample(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
   argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def draw():
-    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    # The mask is applied again after scaling: a huge temperature must not bring
+    # disallowed ids (at -inf) back level with the allowed ones.
+    scaled = jnp.where(allowed, logits / jnp.where(greedy, 1.0, temperature)[:, None], _NEG_INF)
     # top-k and top-p on the sorted row (descending); thresholds mapped back by value.
     sorted_logits = -jnp.sort(-scaled, axis=-1)  # [R, V]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
@@ -68,12 +75,13 @@ def sample(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
     keep_sorted = (mass_before < top_p[:, None]) & (sorted_logits >= kth)
     cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    filtered = jnp.where(scaled >= cutoff, scaled, _NEG_INF)
+    filtered = jnp.where((scaled >= cutoff) & allowed, scaled, _NEG_INF)
     drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
     return jnp.where(greedy, argmax, drawn)
 
   # An all-greedy batch (common in serving benchmarks) skips the sort and the draws.
   tokens = jax.lax.cond(jnp.all(greedy), lambda: argmax, draw)
   token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+  ranks = 1 + (logprobs > token_logprobs[:, None]).sum(-1, dtype=jnp.int32)
   top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top_logprobs)
-  return tokens, token_logprobs, top_ids.astype(jnp.int32), top_logprobs
+  return tokens, token_logprobs, ranks, top_ids.astype(jnp.int32), top_logprobs

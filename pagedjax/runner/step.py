@@ -1,56 +1,100 @@
-"""The jitted engine step: copy-on-write copies, paged forward, sampling.
+"""The jitted engine step: one packed forward + sampling, KV pages donated.
 
-One pure function of (params, KV cache, step plan, sampling arrays); the cache is
-donated so its pages update in place. It is module-level with the model's graphdef
-as a static argument, so every engine serving the same model structure shares the
-compiled programs (one per padded shape). It knows nothing of requests or blocks:
-the engine builds the plan from the scheduler's decisions.
+One pure function of (params, KV cache, StepBatch, SamplingBatch); the cache is donated
+so its pages update in place. It is module-level with the model's graphdef as a static
+argument, so every engine serving the same model structure shares the compiled
+programs (one per padded shape). It knows nothing of requests or blocks: the model
+runner builds the batch from the scheduler's decisions.
 """
 
 from __future__ import annotations
 
 import functools
 
+import flax.struct
 import jax
 from flax import nnx
 
-from pagedjax.runner import kv_cache as kvc
 from pagedjax.runner import sampler
+from pagedjax.runner.attention import AttentionMetadata
 
-# (id, logprob) pairs returned per sample row each step; beam search needs 2 * beam_width.
+# (id, logprob) pairs returned per sample row each step: beam search needs 2 * beam_width,
+# SamplingParams.logprobs may ask for up to this many.
 NUM_TOP_LOGPROBS = 16
 TRACES = {"step": 0}  # traces (= compilations) of `step` in this process
 
 
+@flax.struct.dataclass
+class StepBatch:
+  """One packed step: T tokens (padded), R logits rows. Padding tokens have slot -1.
+
+  Attributes:
+    token_ids: i32[T] packed tokens: decodes and prefill chunks back to back.
+    positions: i32[T] position of each token in its sequence.
+    slot_mapping: i32[T] KV slot each token writes (block * block_size + offset; -1 pad).
+    attn: where each token sits (AttentionMetadata for the impl).
+    logits_index: i32[R] token rows whose logits are computed (last token of each
+      sequence that samples; padding repeats row 0).
+  """
+
+  token_ids: jax.Array  # [T]
+  positions: jax.Array  # [T]
+  slot_mapping: jax.Array  # [T]
+  attn: AttentionMetadata
+  logits_index: jax.Array  # [R]
+
+
+@flax.struct.dataclass
+class SamplingBatch:
+  """Per sample row (R, padded): which logits row it draws from and how.
+
+  Attributes:
+    row_index: i32[R] logits row (a fresh parallel-sampling prompt has n sample rows on
+      one logits row).
+    seeds: u32[R, 2] the request's 64-bit seed (hi, lo words).
+    sample_indices: i32[R] the sample's stream within the request.
+    out_positions: i32[R] output position of the token drawn.
+    temperature: f32[R] (< 1e-5: greedy).
+    top_k: i32[R] (0: all).
+    top_p: f32[R].
+    banned_ids: i32[R, K] ids that may not be drawn (min_tokens), -1 = unused.
+  """
+
+  row_index: jax.Array  # [R]
+  seeds: jax.Array  # [R, 2]
+  sample_indices: jax.Array  # [R]
+  out_positions: jax.Array  # [R]
+  temperature: jax.Array  # [R]
+  top_k: jax.Array  # [R]
+  top_p: jax.Array  # [R]
+  banned_ids: jax.Array  # [R, K]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl", "vocab_size"),
                    donate_argnames=("kv",))
-def step(params, kv, plan, samp, *, graphdef, impl, vocab_size):
+def step(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl, vocab_size):
   """One engine step.
 
   Args:
     params: the model's nnx state (split from graphdef).
     kv: the paged KVCache (donated).
-    plan: int32 arrays: tokens / positions / slot_mapping [B, T], block_tables [B, P],
-      context_lens / query_lens [B], cow_src / cow_dst [B] (-1 = padding).
-    samp: per sample row [R]: row_index (its logit row), seeds, sample_indices,
-      out_positions, temperature, top_k, top_p; banned_ids [R, K].
+    batch: the packed tokens (StepBatch).
+    samp: the sample rows (SamplingBatch).
     graphdef: the model's static graph definition.
     impl: attention implementation.
     vocab_size: the tokenizer's vocabulary (ids beyond it are never drawn).
 
   Returns:
-    (new KVCache, (tokens [R], logprobs [R], top_ids [R, N], top_logprobs [R, N])).
+    (new KVCache, (tokens [R], logprobs [R], ranks [R], top_ids [R, N], top_logprobs [R, N])).
   """
   TRACES["step"] += 1  # runs once per trace, i.e. per compiled program
-  kv = kvc.copy_kv_blocks(kv, plan["cow_src"], plan["cow_dst"])
   model = nnx.merge(graphdef, params)
-  logits, kv = model.forward_paged(
-      plan["tokens"], plan["positions"], kv, block_tables=plan["block_tables"],
-      context_lens=plan["context_lens"], query_lens=plan["query_lens"],
-      slot_mapping=plan["slot_mapping"], impl=impl)  # logits [B, V] at each row's last token
-  logits = logits[samp["row_index"]]  # [R, V]: one row per sample
-  keys = sampler.row_keys(samp["seeds"], samp["sample_indices"], samp["out_positions"])
-  out = sampler.sample(logits, temperature=samp["temperature"], top_k=samp["top_k"],
-                       top_p=samp["top_p"], keys=keys, banned_ids=samp["banned_ids"],
+  logits, kv = model.forward_packed(
+      batch.token_ids, batch.positions, kv, slot_mapping=batch.slot_mapping,
+      attn_meta=batch.attn, logits_index=batch.logits_index, impl=impl)  # [R, V]
+  logits = logits[samp.row_index]  # one row per sample
+  keys = sampler.row_keys(samp.seeds, samp.sample_indices, samp.out_positions)
+  out = sampler.sample(logits, temperature=samp.temperature, top_k=samp.top_k,
+                       top_p=samp.top_p, keys=keys, banned_ids=samp.banned_ids,
                        vocab_size=vocab_size, num_top_logprobs=NUM_TOP_LOGPROBS)
   return kv, out

@@ -1,0 +1,289 @@
+"""ModelRunner: the device side of the engine.
+
+It owns the model parameters, the KV pages (`KVCache`) and the host swap pool, sizes
+them, and turns each scheduled step into typed, bucketed device inputs (`StepBatch`,
+`SamplingBatch`), runs the block copies the scheduler asked for (swap-out, swap-in,
+copy-on-write, in that order) and the jitted step, and hands back the sampled tokens as
+numpy arrays.
+
+Shapes are padded to a few buckets so a long run compiles a bounded number of programs:
+tokens T and sample rows R to powers of two, and, for the xla attention, the decode rows
+and prefill tiles to powers of two as well. `programs` records every distinct step
+program this runner ran (with its abstract signature, so tests can compile it again and
+read XLA's memory accounting).
+
+The runner reads the scheduler's output by duck typing (`seqs`, each with `token_ids`,
+`start`, `block_table`, `sample_indices`, `seq.output_token_ids` and
+`group.device_sampling`; `swap_out`, `swap_in`, `cow`): it imports nothing from the host
+side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pagedjax.runner import kv_cache as kvc
+from pagedjax.runner import step as step_lib
+from pagedjax.runner.attention import TILE_SIZE, AttentionMetadata
+
+IMPLS = ("xla", "pallas", "pallas_interpret")
+MAX_BANNED = 8      # banned ids per sample row (min_tokens: stop ids + EOS)
+POOL_GRANULE = 64   # device / host page arrays are padded to a multiple of this
+_MIN_TOKEN_BUCKET = 8
+
+
+def next_power_of_two(n: int, minimum: int = 1) -> int:
+  """Smallest power of two >= max(n, minimum)."""
+  return 1 << max(0, (max(n, minimum) - 1).bit_length())
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSampling:
+  """A request's sampling settings as the device takes them (built once per request).
+
+  seed_words: the 64-bit seed as (hi, lo) uint32 words; top_k: 0 or <= the vocabulary;
+  banned_until: output length below which `banned_ids` may not be drawn (min_tokens).
+  """
+
+  seed_words: tuple[int, int]
+  temperature: float
+  top_k: int
+  top_p: float
+  banned_until: int
+  banned_ids: tuple[int, ...]
+
+
+class ModelRunner:
+  """Device state and the jitted step for one model.
+
+  Args:
+    module: the model (a `Transformer`); split into graphdef + params here.
+    num_blocks: device blocks the block manager hands out (the page arrays are padded
+      to a multiple of POOL_GRANULE, so engines of nearby sizes share programs).
+    block_size: tokens per block.
+    num_host_blocks: host swap-pool blocks (0: no swapping).
+    max_model_len: context limit (sets the block-table width).
+    dtype: KV and compute dtype.
+    attention_impl: "xla", "pallas" or "pallas_interpret".
+    vocab_size: the tokenizer's vocabulary (ids beyond it are never sampled).
+  """
+
+  def __init__(self, module, *, num_blocks: int, block_size: int, num_host_blocks: int,
+               max_model_len: int, dtype, attention_impl: str, vocab_size: int):
+    if attention_impl not in IMPLS:
+      raise ValueError(f"attention_impl must be one of {IMPLS}, got {attention_impl!r}")
+    cfg = module.cfg
+    self.cfg = cfg
+    self.impl = attention_impl
+    self.dtype = jnp.dtype(dtype)
+    self.block_size = block_size
+    self.vocab_size = vocab_size
+    self.max_blocks_per_seq = -(-max_model_len // block_size)
+    self._geometry = kvc.PoolGeometry(cfg.num_layers, cfg.num_kv_heads,
+                                      round_up(num_blocks, POOL_GRANULE), block_size,
+                                      cfg.head_dim)
+    self._num_host_blocks = num_host_blocks
+    self.kv = self._new_kv()
+    self.host_pool = self._new_host_pool()
+    graphdef, params = nnx.split(module)
+    self._graphdef = graphdef
+    self._params = jax.tree.map(
+        lambda x: x.astype(self.dtype) if x.dtype == jnp.float32 else x, params)
+    self.programs: dict[tuple, tuple] = {}  # program key -> abstract (batch, sampling)
+
+  # ------------------------------------------------------------------ state
+  def _new_kv(self) -> kvc.KVCache:
+    g = self._geometry
+    # The xla path writes with integer scatters (see kv_cache.to_storage).
+    return kvc.init_kv_cache(num_layers=g.num_layers, num_kv_heads=g.num_kv_heads,
+                             num_blocks=g.num_blocks, block_size=g.block_size,
+                             head_dim=g.head_dim, dtype=self.dtype,
+                             bit_storage=self.impl == "xla")
+
+  def _new_host_pool(self):
+    if not self._num_host_blocks:
+      return None
+    return kvc.init_host_pool(self.kv, round_up(self._num_host_blocks, POOL_GRANULE))
+
+  @property
+  def bytes_per_block(self) -> int:
+    g = self._geometry
+    return 2 * g.num_layers * g.num_kv_heads * g.block_size * g.head_dim * self.dtype.itemsize
+
+  def state_is_lost(self) -> tuple[bool, bool]:
+    """(device pages lost, host pool lost): buffers deleted by a donated call that failed."""
+    host = self.host_pool
+    host_lost = (host is not None and host.memory_kind == "pinned_host"
+                 and host.k_blocks.is_deleted())
+    return self.kv.k_pages.is_deleted(), host_lost
+
+  def reset(self, *, device: bool, host: bool) -> None:
+    """Allocates fresh (zero) pages after a failure deleted them."""
+    if device:
+      self.kv = self._new_kv()
+    if host:
+      self.host_pool = self._new_host_pool()
+
+  # -------------------------------------------------------------- block ops
+  def copy_blocks(self, so) -> None:
+    """Swap-out, swap-in, then copy-on-write copies, each in place (donated)."""
+    if so.swap_out:
+      dev, host = (np.asarray(x, np.int32) for x in zip(*so.swap_out))
+      self.host_pool = kvc.swap_out_blocks(self.kv, self.host_pool, dev, host)
+    if so.swap_in:
+      host, dev = (np.asarray(x, np.int32) for x in zip(*so.swap_in))
+      self.kv = kvc.swap_in_blocks(self.kv, self.host_pool, host, dev)
+    if so.cow:
+      src, dst = (np.asarray(x, np.int32) for x in zip(*so.cow))
+      self.kv = kvc.copy_blocks(self.kv, src, dst)
+
+  # ------------------------------------------------------------------- step
+  def execute(self, so):
+    """Runs one scheduled step; returns (tokens, logprobs, top_ids, top_logprobs) numpy."""
+    batch, samp, key = self.prepare(so)
+    if key not in self.programs:
+      self.programs[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                        (batch, samp))
+    self.kv, out = step_lib.step(self._params, self.kv, batch, samp, graphdef=self._graphdef,
+                                 impl=self.impl, vocab_size=self.vocab_size)
+    return jax.device_get(out)
+
+  def prepare(self, so) -> tuple[step_lib.StepBatch, step_lib.SamplingBatch, tuple]:
+    """Packs a scheduled step into bucketed numpy arrays; returns them and the program key."""
+    seqs = so.seqs
+    bs = self.block_size
+    lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, len(seqs))  # [S]
+    starts = np.fromiter((s.start for s in seqs), np.int64, len(seqs))
+    num_tokens = int(lens.sum())
+    t_cap = next_power_of_two(num_tokens, _MIN_TOKEN_BUCKET)
+    cu = np.zeros(len(seqs) + 1, np.int64)
+    np.cumsum(lens, out=cu[1:])
+    tables = np.zeros((len(seqs), self.max_blocks_per_seq), np.int32)
+    for i, s in enumerate(seqs):
+      tables[i, :len(s.block_table)] = s.block_table
+    seq_of_token = np.repeat(np.arange(len(seqs)), lens)  # [num_tokens]
+    pos = starts[seq_of_token] + np.arange(num_tokens) - cu[:-1][seq_of_token]
+    tokens = np.zeros(t_cap, np.int32)
+    tokens[:num_tokens] = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs),
+                                      np.int32, num_tokens)
+    positions = np.zeros(t_cap, np.int32)
+    positions[:num_tokens] = pos
+    slots = np.full(t_cap, -1, np.int32)
+    slots[:num_tokens] = tables[seq_of_token, pos // bs] * bs + pos % bs
+
+    attn, attn_key = (self._tiles(lens, starts, cu, tables, t_cap) if self.impl == "xla"
+                      else self._ragged(lens, starts, cu, tables))
+    samp, logits_index, r_cap = self._sampling(seqs, cu)
+    batch = step_lib.StepBatch(tokens, positions, slots, attn, logits_index)
+    return batch, samp, (t_cap, r_cap, *attn_key)
+
+  def _tiles(self, lens, starts, cu, tables, t_cap):
+    """AttentionMetadata for the xla path: decode rows and prefill tiles of TILE_SIZE."""
+    dec = np.flatnonzero(lens == 1)
+    sd = next_power_of_two(len(dec)) if len(dec) else 0
+    dec_index = np.full(sd, t_cap, np.int32)
+    dec_index[:len(dec)] = cu[dec]
+    dec_pos = np.full(sd, -1, np.int32)
+    dec_pos[:len(dec)] = starts[dec]
+    dec_tables = np.zeros((sd, tables.shape[1]), np.int32)
+    dec_tables[:len(dec)] = tables[dec]
+
+    pre = np.flatnonzero(lens > 1)
+    per_seq = -(-lens[pre] // TILE_SIZE)  # tiles per prefill sequence
+    np_ = next_power_of_two(int(per_seq.sum())) if len(pre) else 0
+    tile_seq = np.repeat(pre, per_seq)  # [tiles]
+    first_tile = np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
+    offset = (np.arange(len(tile_seq)) - first_tile) * TILE_SIZE  # first query of the tile
+    j = offset[:, None] + np.arange(TILE_SIZE)[None, :]  # [tiles, Tq] query within chunk
+    valid = j < lens[tile_seq][:, None]
+    tile_index = np.full((np_, TILE_SIZE), t_cap, np.int32)
+    tile_index[:len(tile_seq)] = np.where(valid, cu[tile_seq][:, None] + j, t_cap)
+    tile_pos = np.full((np_, TILE_SIZE), -1, np.int32)
+    tile_pos[:len(tile_seq)] = np.where(valid, starts[tile_seq][:, None] + j, -1)
+    tile_tables = np.zeros((np_, tables.shape[1]), np.int32)
+    tile_tables[:len(tile_seq)] = tables[tile_seq]
+    meta = AttentionMetadata(decode_token_index=dec_index, decode_block_tables=dec_tables,
+                             decode_positions=dec_pos, tile_token_index=tile_index,
+                             tile_block_tables=tile_tables, tile_positions=tile_pos)
+    return meta, (sd, np_)
+
+  def _ragged(self, lens, starts, cu, tables):
+    """AttentionMetadata for the Pallas ragged kernel."""
+    n = len(lens)
+    s_cap = next_power_of_two(n)
+    cu_q = np.full(s_cap + 1, cu[-1], np.int32)
+    cu_q[:n + 1] = cu
+    kv_lens = np.zeros(s_cap, np.int32)
+    kv_lens[:n] = starts + lens
+    padded = np.zeros((s_cap, tables.shape[1]), np.int32)
+    padded[:n] = tables
+    meta = AttentionMetadata(cu_q_lens=cu_q, kv_lens=kv_lens, block_tables=padded,
+                             num_seqs=np.asarray([n], np.int32))
+    return meta, (s_cap,)
+
+  def _sampling(self, seqs, cu):
+    """SamplingBatch and logits rows: one logits row per sampling sequence, one sample
+    row per (sequence, sample index)."""
+    rows = [(i, s, j) for i, s in enumerate(seqs) for j in s.sample_indices]
+    r_cap = next_power_of_two(len(rows))
+    logits_index = np.zeros(r_cap, np.int32)
+    row_index = np.zeros(r_cap, np.int32)
+    seeds = np.zeros((r_cap, 2), np.uint32)
+    sample_indices = np.zeros(r_cap, np.int32)
+    out_positions = np.zeros(r_cap, np.int32)
+    temperature = np.zeros(r_cap, np.float32)
+    top_k = np.zeros(r_cap, np.int32)
+    top_p = np.ones(r_cap, np.float32)
+    banned = np.full((r_cap, MAX_BANNED), -1, np.int32)
+    logits_row = -1
+    last_seq = -1
+    for r, (i, s, j) in enumerate(rows):
+      if i != last_seq:
+        logits_row += 1
+        last_seq = i
+        logits_index[logits_row] = cu[i + 1] - 1
+      d = s.group.device_sampling
+      num_out = len(s.seq.output_token_ids)
+      row_index[r] = logits_row
+      seeds[r] = d.seed_words
+      sample_indices[r] = j
+      out_positions[r] = num_out
+      temperature[r] = d.temperature
+      top_k[r] = d.top_k
+      top_p[r] = d.top_p
+      if num_out < d.banned_until:
+        banned[r, :len(d.banned_ids)] = d.banned_ids
+    samp = step_lib.SamplingBatch(row_index, seeds, sample_indices, out_positions, temperature,
+                                  top_k, top_p, banned)
+    return samp, logits_index, r_cap
+
+  # ---------------------------------------------------------------- checks
+  def abstract_kv(self, num_blocks: int | None = None) -> kvc.KVCache:
+    """The KV cache's abstract shapes, with `num_blocks` pages per layer if given."""
+    def shape(x):
+      dims = list(x.shape)
+      if num_blocks is not None:
+        dims[2] = num_blocks
+      return jax.ShapeDtypeStruct(tuple(dims), x.dtype)
+    return jax.tree.map(shape, self.kv)
+
+  def compiled_programs(self, num_blocks: int | None = None):
+    """Yields (key, compiled executable) for every step program this runner ran: the
+    same shapes compiled again (with a pool of `num_blocks` pages if given), for XLA's
+    memory accounting (tests)."""
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._params)
+    kv = self.abstract_kv(num_blocks)
+    for key, (batch, samp) in self.programs.items():
+      lowered = step_lib.step.lower(params, kv, batch, samp, graphdef=self._graphdef,
+                                    impl=self.impl, vocab_size=self.vocab_size)
+      yield key, lowered.compile()
