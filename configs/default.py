@@ -29,8 +29,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.engine.num_host_blocks = -1
   # Most sequences decoded together in one step.
   config.engine.max_num_seqs = 64
-  # Most prompt tokens prefilled in one step.
-  config.engine.max_num_batched_tokens = 4096
+  # Token budget of one step: every running sequence's decode token, then prefill
+  # chunks (at least block_size).
+  config.engine.max_num_batched_tokens = 2048
+  # Split long prompts across steps; False prefills a prompt whole (<= the budget).
+  config.engine.enable_chunked_prefill = True
   # What to do when blocks run out: "recompute" or "swap".
   config.engine.preemption_mode = "recompute"
   # Attention path: "auto" (pallas on GPU, xla on CPU), "xla", "pallas", "pallas_interpret".

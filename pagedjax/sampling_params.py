@@ -1,15 +1,60 @@
 """SamplingParams: how one request is decoded, shaped like vLLM's.
 
-Validation happens here, at the public boundary: every bad value raises a
-`ValueError` that names it, before the request touches the scheduler.
+Validation happens here, at the public boundary: a value of the wrong type raises
+`TypeError`, a value out of range (or not finite) raises `ValueError`; both name the
+field and the value, before the request touches the engine. As in vLLM, numpy integers
+and floats are accepted (and stored as Python numbers); a bool is not an int. The
+engine adds the checks that need the model (vocabulary, context, cache size).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
+import numbers
 from typing import Sequence
 
 _GREEDY_EPS = 1e-5
+_U64 = 1 << 64
+
+
+def _int(name: str, value, *, minimum: int | None = None, none_ok: bool = False) -> int | None:
+  if value is None and none_ok:
+    return None
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+  value = int(value)
+  if minimum is not None and value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  return value
+
+
+def _float(name: str, value) -> float:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
+  value = float(value)
+  if not math.isfinite(value):
+    raise ValueError(f"{name} must be finite, got {value!r}")
+  return value
+
+
+def _bool(name: str, value) -> bool:
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+  return value
+
+
+def seed_words(seed: int) -> tuple[int, int]:
+  """Maps any int seed to the device's 64-bit key space as (hi, lo) uint32 words.
+
+  Seeds in [0, 2**64) map to themselves, so nearby seeds never collide; any other int
+  (negative, or wider than 64 bits) is hashed (blake2b of its decimal form) into 64
+  bits, so two such seeds collide only with probability 2**-64.
+  """
+  if not 0 <= seed < _U64:
+    seed = int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "big")
+  return seed >> 32, seed & 0xFFFFFFFF
 
 
 @dataclasses.dataclass
@@ -19,10 +64,12 @@ class SamplingParams:
   Attributes:
     max_tokens: most tokens to generate per output sequence (>= 1).
     temperature: 0 means greedy; > 0 scales the logits before sampling.
-    top_k: keep the k most likely tokens; 0 (or -1, vLLM's spelling) keeps all.
+    top_k: keep the k most likely tokens; 0 (or -1, vLLM's spelling) keeps all; a k
+      larger than the vocabulary keeps all.
     top_p: nucleus sampling mass in (0, 1]; 1 keeps all.
-    seed: per-request PRNG seed. None draws one from the engine's seed stream
-      when the request is added (recorded, so preemption never changes it).
+    seed: per-request PRNG seed, any int (see `seed_words`). None draws one from the
+      engine's seed stream when the request is added (recorded, so preemption never
+      changes it).
     stop: strings that end generation; the stop string is not returned.
     stop_token_ids: token ids that end generation (returned in token_ids).
     ignore_eos: keep generating past EOS.
@@ -31,7 +78,9 @@ class SamplingParams:
     use_beam_search: beam search instead of sampling.
     beam_width: beams kept per step (defaults to n).
     length_penalty: beam score = cum_logprob / len**length_penalty.
-    logprobs: if set, also return the logprob of each sampled token.
+    logprobs: if set to k, also return, per generated token, the k most likely tokens
+      with their logprobs (plus the sampled token), as vLLM does; 0 returns only the
+      sampled token's.
   """
 
   max_tokens: int = 16
@@ -50,36 +99,35 @@ class SamplingParams:
   logprobs: int | None = None
 
   def __post_init__(self):
-    if isinstance(self.stop, str):
-      self.stop = [self.stop]
-    self.stop = list(self.stop or [])
-    self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
-    if self.top_k == -1:
-      self.top_k = 0
-    if self.beam_width is None:
-      self.beam_width = self.n
-    self._validate()
-
-  def _validate(self) -> None:
-    if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-      raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+    self.max_tokens = _int("max_tokens", self.max_tokens, minimum=1)
+    self.temperature = _float("temperature", self.temperature)
     if self.temperature < 0:
       raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+    self.top_k = _int("top_k", self.top_k, minimum=-1)
+    if self.top_k == -1:
+      self.top_k = 0
+    self.top_p = _float("top_p", self.top_p)
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-    if not isinstance(self.top_k, int) or self.top_k < 0:
-      raise ValueError(f"top_k must be an int >= 0 (or -1 for all), got {self.top_k!r}")
-    if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+    self.seed = _int("seed", self.seed, none_ok=True)
+    self.stop = self._stop_strings(self.stop)
+    ids = self.stop_token_ids
+    if ids is None:
+      ids = []
+    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+      raise TypeError(f"stop_token_ids must be a list of ints, got {ids!r}")
+    self.stop_token_ids = [_int("stop_token_ids[]", t, minimum=0) for t in ids]
+    self.ignore_eos = _bool("ignore_eos", self.ignore_eos)
+    self.min_tokens = _int("min_tokens", self.min_tokens, minimum=0)
+    if self.min_tokens > self.max_tokens:
       raise ValueError(
-          f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-    if not isinstance(self.n, int) or self.n < 1:
-      raise ValueError(f"n must be an int >= 1, got {self.n!r}")
-    if self.seed is not None and not isinstance(self.seed, int):
-      raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-    if any(not s for s in self.stop):
-      raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
-    if self.logprobs is not None and self.logprobs < 0:
-      raise ValueError(f"logprobs must be >= 0, got {self.logprobs!r}")
+          f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+    self.n = _int("n", self.n, minimum=1)
+    self.use_beam_search = _bool("use_beam_search", self.use_beam_search)
+    self.beam_width = _int("beam_width", self.n if self.beam_width is None else self.beam_width,
+                           minimum=1)
+    self.length_penalty = _float("length_penalty", self.length_penalty)
+    self.logprobs = _int("logprobs", self.logprobs, minimum=0, none_ok=True)
     if self.use_beam_search:
       if self.beam_width < self.n:
         raise ValueError(f"beam_width={self.beam_width} must be >= n={self.n}")
@@ -87,6 +135,26 @@ class SamplingParams:
         raise ValueError(
             f"beam search is deterministic: temperature must be 0, got {self.temperature!r}")
 
+  @staticmethod
+  def _stop_strings(stop) -> list[str]:
+    if stop is None:
+      return []
+    if isinstance(stop, str):
+      stop = [stop]
+    elif not isinstance(stop, Sequence) or isinstance(stop, bytes):
+      raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
+    for s in stop:
+      if not isinstance(s, str):
+        raise TypeError(f"stop must hold strings, got {s!r} ({type(s).__name__}) in {stop!r}")
+      if not s:
+        raise ValueError(f"stop strings must be non-empty, got {stop!r}")
+    return list(stop)
+
   @property
   def greedy(self) -> bool:
     return self.temperature < _GREEDY_EPS
+
+  @property
+  def width(self) -> int:
+    """Sequences the request decodes: beam_width for beam search, else n."""
+    return self.beam_width if self.use_beam_search else self.n

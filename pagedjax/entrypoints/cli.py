@@ -13,12 +13,50 @@ from pagedjax.entrypoints.llm import LLM
 from pagedjax.sampling_params import SamplingParams
 
 
+class ConfigError(ValueError):
+  """A config value the engine or the sampling parameters refuse (main.py: one line)."""
+
+
+def unknown_config_override(argv: list[str]) -> str | None:
+  """The first `--config.a.b=...` in argv whose path the config (configs/default.py, or
+  the `--config=FILE` given) lacks, as a message naming the valid keys at the level
+  that failed; None when every path exists."""
+  files = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  if files:
+    from ml_collections.config_flags import config_flags
+    config = config_flags._LoadConfigModule("config", files[-1]).get_config()
+  else:
+    from configs import default
+    config = default.get_config()
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    node, seen = config, "config"
+    for key in path:
+      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+        valid = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) \
+            else f"none ({seen} is a {type(node).__name__})"
+        return f"unknown config field --{seen}.{key}; valid keys of {seen}: {valid}"
+      node, seen = node[key], f"{seen}.{key}"
+  return None
+
+
 def build_llm(config: ml_collections.ConfigDict) -> LLM:
+  """The engine for config.model / config.engine; a value it refuses is a ConfigError."""
+  try:
+    return _build_llm(config)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.engine / config.model: {e}") from e
+
+
+def _build_llm(config: ml_collections.ConfigDict) -> LLM:
   e = config.engine
   return LLM(config.model or None, max_model_len=e.max_model_len or None,
              num_blocks=e.num_blocks or None, block_size=e.block_size,
              num_host_blocks=None if e.num_host_blocks < 0 else e.num_host_blocks,
              max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
+             enable_chunked_prefill=e.enable_chunked_prefill,
              preemption_mode=e.preemption_mode, attention_impl=e.attention_impl, dtype=e.dtype,
              kv_cache_memory_mb=e.kv_cache_memory_mb, seed=e.seed)
 
@@ -47,9 +85,12 @@ def serve(config: ml_collections.ConfigDict, prompts=None) -> list:
   llm = build_llm(config)
   prompts = list(prompts or config.prompts)
   s = config.sampling
-  params = [SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k,
-                           top_p=s.top_p, seed=None if s.seed < 0 else s.seed + i)
-            for i in range(len(prompts))]
+  try:
+    params = [SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k,
+                             top_p=s.top_p, seed=None if s.seed < 0 else s.seed + i)
+              for i in range(len(prompts))]
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.sampling: {e}") from e
   start = time.perf_counter()
   outputs = llm.generate(prompts, params)
   elapsed = time.perf_counter() - start
