@@ -33,7 +33,7 @@ from pagedjax import LLM, SamplingParams
 
 NAME = "memory_timeline"
 BLOCK_SIZE = 8
-NUM_BLOCKS = 32
+NUM_BLOCKS = 24
 NUM_HOST_BLOCKS = 16
 
 # (arrival step, label, prompt, params); max_tokens is scaled down in the quick run.

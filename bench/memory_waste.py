@@ -70,7 +70,7 @@ def serve_and_sample(llm: LLM, trace) -> dict:
     now = {
       "paged": stats.used_device_blocks * stats.block_size,
       "contiguous prompt+max_tokens": sum(budget[g.request_id] for g in live),
-      "contiguous max context": len(live) * llm.max_seq_len,
+      "contiguous max context": len(live) * llm.max_model_len,
     }
     for policy, slots in now.items():
       reserved[policy] += slots
@@ -110,7 +110,7 @@ def make_engine(traces: list, block_size: int) -> LLM:
 
 def _bytes_per_slot(llm: LLM) -> int:
   cfg = llm.model_config
-  return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * llm.dtype.itemsize
+  return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * llm.runner.dtype.itemsize
 
 
 def plot(rows: list[dict], path) -> None:
@@ -168,7 +168,7 @@ def run(
   rows = []
   for trace in tqdm(traces, desc=NAME, disable=None):
     llm = make_engine(traces, block_size)
-    assert llm.max_seq_len == trace.max_seq_len
+    assert llm.max_model_len == trace.max_seq_len
     sampled = serve_and_sample(llm, trace)
     bps = _bytes_per_slot(llm)
     filled = sampled["filled"]

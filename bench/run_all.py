@@ -33,6 +33,7 @@ EXPERIMENTS = (
   "sharing",
   "swap_vs_recompute",
   "throughput",
+  "pool_scaling",
   "memory_timeline",
 )
 _MAX_FALLBACK_FIGURES = 6

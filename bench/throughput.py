@@ -25,6 +25,7 @@ step (synchronised) and the rest (device_get + token bookkeeping), and the devic
 parts (matmuls, paged attention, KV write, sampling) are timed alone at the same shapes.
 
   python -m bench.throughput [--quick]  ->  tables + bench/results/throughput.json
+                                            (--quick: bench/results/tmp/throughput.json)
 """
 
 from __future__ import annotations
@@ -46,15 +47,15 @@ from flax import nnx
 from tqdm import tqdm
 
 import pagedjax.runner.step as step_lib
+from bench import common
 from bench.contiguous_baseline import ContiguousServer
 from bench.workloads import make_trace
 from pagedjax import LLM, SamplingParams
 from pagedjax.weights import checkpoint
+from pagedjax.runner import kv_cache as kvc
 from pagedjax.runner import sampler
-from pagedjax.runner.attention import paged_decode_attention
-from pagedjax.runner.kv_cache import write_kv_layer
+from pagedjax.runner.attention import ragged_paged_attention
 
-RESULTS = pathlib.Path(__file__).parent / "results" / "throughput.json"
 GOAL_RATIO = 3.0
 GOAL_ROOFLINE = 0.5
 BLOCK_SIZE = 16
@@ -86,11 +87,9 @@ def machine_info() -> dict:
 def matmul_rate(reps: int) -> dict:
   """Median float32 GFLOP/s of jitted [m, k] x [k, n] products on this machine."""
   out = {}
-  for m, k, n in ((256, 256, 704), (64, 256, 704), (1024, 1024, 1024)):
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), jnp.float32)
-    b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.float32)
-    t = _median_time(jax.jit(jnp.matmul), a, b, reps=reps)
-    out[f"{m}x{k}x{n}"] = {"median_s": t, "gflops": 2 * m * k * n / t / 1e9}
+  for shape in ((256, 256, 704), (64, 256, 704), (1024, 1024, 1024)):
+    r = common.matmul_rate(reps, shape)
+    out[r["shape"]] = {"median_s": r["median_s"], "gflops": r["gflops"]}
   return out
 
 
@@ -232,29 +231,29 @@ def _timing(acc: dict, targets: list[tuple[object, str, bool]]):
       setattr(obj, name, orig)
 
 
-def _decode_flops(plan: dict, fl: dict) -> float:
-  rows = plan["query_lens"] > 0
-  ctx = plan["context_lens"][rows] + 1  # attended positions, the new token included
-  return float(rows.sum() * fl["flops_per_token"] + fl["attention_flops_per_position"] * ctx.sum())
+def _live_decode_rows(batch) -> np.ndarray:
+  """Positions of the live one-token queries of a captured xla StepBatch."""
+  pos = np.asarray(batch.attn.decode_positions)
+  return pos[pos >= 0]
 
 
-def _component_times(llm: LLM, plan: dict, samp: dict, reps: int) -> dict:
+def _decode_flops(batch, fl: dict) -> float:
+  ctx = _live_decode_rows(batch) + 1  # attended positions, the new token included
+  return float(len(ctx) * fl["flops_per_token"] + fl["attention_flops_per_position"] * ctx.sum())
+
+
+def _component_times(llm: LLM, batch, samp, reps: int) -> dict:
   """Device time of one decode step and of its parts, each jitted alone at the same shapes."""
   cfg = llm.model_config
-  params, graphdef = llm._params, llm._graphdef
-  b = plan["tokens"].shape[0]
-  kv = [llm.kv]
+  runner = llm.runner
+  params, graphdef = runner._params, runner._graphdef
+  geometry = kvc.PoolGeometry.of(runner.kv.k_pages)
+  t = batch.token_ids.shape[0]
+  kv = [runner.kv]
 
-  def full(p, s):  # chains the donated cache through the repeats
-    kv[0], out = step_lib.step(
-      params,
-      kv[0],
-      p,
-      s,
-      graphdef=graphdef,
-      impl=llm.attention_impl,
-      vocab_size=llm.tokenizer.vocab_size,
-    )
+  def full(b, s):  # chains the donated cache through the repeats
+    kv[0], out = step_lib.step(params, kv[0], b, s, graphdef=graphdef, impl=runner.impl,
+                               vocab_size=runner.vocab_size)
     return out
 
   @jax.jit
@@ -264,58 +263,51 @@ def _component_times(llm: LLM, plan: dict, samp: dict, reps: int) -> dict:
       q, k, v = layer.attn.qkv(layer.attn_norm(x), positions)
       x = x + layer.attn.out(q) + (k.sum() + v.sum())  # keep k/v projections live
       x = x + layer.mlp(layer.mlp_norm(x))
-    return model.logits(x)
+    return model.logits(x[:, batch.logits_index])
 
   sm_scale = cfg.head_dim**-0.5
 
   @jax.jit
-  def attention(q, k_pages, v_pages, tables, lengths):
+  def attention(q, k_pages, v_pages, meta):
+    k_rows, v_rows = kvc.to_rows(k_pages), kvc.to_rows(v_pages)
     return sum(
-      paged_decode_attention(
-        q, k_pages, v_pages, tables, lengths, sm_scale=sm_scale, impl=llm.attention_impl, layer=i
-      )
+      ragged_paged_attention(q, k_rows, v_rows, meta, layer=i, sm_scale=sm_scale,
+                             impl=runner.impl, geometry=geometry)
       for i in range(cfg.num_layers)
     )
 
   @jax.jit
   def sample(logits, s):
-    keys = sampler.row_keys(s["seeds"], s["sample_indices"], s["out_positions"])
-    return sampler.sample(
-      logits[s["row_index"]],
-      temperature=s["temperature"],
-      top_k=s["top_k"],
-      top_p=s["top_p"],
-      keys=keys,
-      banned_ids=s["banned_ids"],
-      vocab_size=llm.tokenizer.vocab_size,
-      num_top_logprobs=step_lib.NUM_TOP_LOGPROBS,
-    )
+    keys = sampler.row_keys(s.seeds, s.sample_indices, s.out_positions)
+    return sampler.sample(logits[s.row_index], temperature=s.temperature, top_k=s.top_k,
+                          top_p=s.top_p, keys=keys, banned_ids=s.banned_ids,
+                          vocab_size=runner.vocab_size,
+                          num_top_logprobs=step_lib.NUM_TOP_LOGPROBS)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def write_layers(k_pages, v_pages, kv_new, slots):
+    k_rows, v_rows = kvc.to_rows(k_pages), kvc.to_rows(v_pages)
     for i in range(cfg.num_layers):
-      k_pages, v_pages = write_kv_layer(k_pages, v_pages, i, kv_new, kv_new, slots)
-    return k_pages, v_pages
+      k_rows, v_rows = kvc.write_kv_rows(k_rows, v_rows, i, kv_new, kv_new, slots, geometry)
+    return kvc.from_rows(k_rows, geometry), kvc.from_rows(v_rows, geometry)
 
   def write(kv_new, slots):  # chains the donated pages through the repeats
     pages[:] = write_layers(*pages, kv_new, slots)
     return pages[0]
 
-  x = jnp.zeros((b, 1, cfg.dim), llm.dtype)
-  q = jnp.ones((b, cfg.num_heads, cfg.head_dim), llm.dtype)
-  kv_new = jnp.zeros((b, cfg.num_kv_heads, cfg.head_dim), llm.dtype)
-  lengths = jnp.asarray(plan["context_lens"] + plan["query_lens"])
-  logits = jnp.zeros((b, cfg.vocab_size), jnp.float32)
-  out = {"full_step": _median_time(full, plan, samp, reps=reps)}
+  x = jnp.zeros((1, t, cfg.dim), runner.dtype)
+  q = jnp.ones((t, cfg.num_heads, cfg.head_dim), runner.dtype)
+  kv_new = jnp.zeros((t, cfg.num_kv_heads, cfg.head_dim), runner.dtype)
+  r = samp.row_index.shape[0]
+  logits = jnp.zeros((r, cfg.vocab_size), jnp.float32)
+  out = {"full_step": _median_time(full, batch, samp, reps=reps)}
   pages = [kv[0].k_pages, kv[0].v_pages]
-  out["matmuls"] = _median_time(matmuls, params, x, jnp.asarray(plan["positions"]), reps=reps)
-  out["paged_attention"] = _median_time(
-    attention, q, *pages, jnp.asarray(plan["block_tables"]), lengths, reps=reps
-  )
-  out["kv_write"] = _median_time(
-    write, kv_new, jnp.asarray(plan["slot_mapping"].reshape(-1)), reps=reps
-  )
+  out["matmuls"] = _median_time(matmuls, params, x, jnp.asarray(batch.positions)[None],
+                                reps=reps)
+  out["paged_attention"] = _median_time(attention, q, *pages, batch.attn, reps=reps)
+  out["kv_write"] = _median_time(write, kv_new, jnp.asarray(batch.slot_mapping), reps=reps)
   out["sampling"] = _median_time(sample, logits, samp, reps=reps)
+  runner.kv = kv[0].replace(k_pages=pages[0], v_pages=pages[1])
   return out
 
 
@@ -330,39 +322,39 @@ def steady_decode(
   if warmup:
     _engine(num_blocks, batch).generate(trace.prompts, params)  # compile
   result = {"batch": batch, "decode_steps": decode_steps, "num_blocks": num_blocks}
-  original = step_lib.step
-  captured: dict = {}  # the plan and sampling arrays of the latest step
-
-  def capture(params_, kv, plan, samp, **kw):
-    captured["plan"], captured["samp"] = plan, samp
-    return original(params_, kv, plan, samp, **kw)
+  captured: dict = {}  # the batch and sampling arrays of the latest step
 
   for phase in ("plain", "split"):
     llm = _engine(num_blocks, batch)
     for p in trace.prompts:
       llm.add_request(None, p, params)
     acc: dict = {}
+    original_prepare = llm.runner.prepare
+
+    def capture(so, _orig=original_prepare):
+      out = _orig(so)
+      captured["batch"], captured["samp"] = out[0], out[1]
+      return out
+
+    llm.runner.prepare = capture
     targets = [(step_lib, "step", phase == "split")]
     if phase == "split":
-      targets += [(llm.scheduler, "schedule", False), (llm, "_build_plan", False)]
+      targets += [(llm.scheduler, "schedule", False), (llm.runner, "prepare", False)]
     times, flops, contexts, splits = [], [], [], []
-    step_lib.step = capture
-    try:
-      with _timing(acc, targets):
-        while llm.has_unfinished_requests():
-          acc.clear()
-          start = time.perf_counter()
-          llm.step()
-          dt = time.perf_counter() - start
-          plan = captured["plan"]
-          # Steady state: decode steps with every row of the batch live.
-          if plan["tokens"].shape[1] == 1 and (plan["query_lens"] > 0).sum() == batch:
-            times.append(dt)
-            flops.append(_decode_flops(plan, fl))
-            contexts.append(float((plan["context_lens"] + 1).mean()))
-            splits.append(dict(acc, total=dt))
-    finally:
-      step_lib.step = original
+    with _timing(acc, targets):
+      while llm.has_unfinished_requests():
+        acc.clear()
+        start = time.perf_counter()
+        llm.step()
+        dt = time.perf_counter() - start
+        b = captured["batch"]
+        # Steady state: decode-only steps with every row of the batch live.
+        if b.attn.tile_token_index.shape[0] == 0 and len(_live_decode_rows(b)) == batch:
+          times.append(dt)
+          flops.append(_decode_flops(b, fl))
+          contexts.append(float((_live_decode_rows(b) + 1).mean()))
+          splits.append(dict(acc, total=dt))
+    llm.runner.prepare = original_prepare
     if phase == "plain":
       times = np.asarray(times)
       result.update(
@@ -377,15 +369,13 @@ def steady_decode(
     med = {k: float(np.median([s[k] for s in splits])) for k in splits[0]}
     result["step_split_s"] = {
       "scheduler": med["schedule"],
-      "build_plan": med["_build_plan"],
+      "prepare_batch": med["prepare"],
       "device_step_synced": med["step"],
-      "device_get_and_bookkeeping": med["total"]
-      - med["schedule"]
-      - med["_build_plan"]
+      "device_get_and_bookkeeping": med["total"] - med["schedule"] - med["prepare"]
       - med["step"],
       "total": med["total"],
     }
-    result["device_split_s"] = _component_times(llm, captured["plan"], captured["samp"], reps)
+    result["device_split_s"] = _component_times(llm, captured["batch"], captured["samp"], reps)
   return result
 
 
@@ -412,7 +402,8 @@ def main(argv=None) -> dict:
   )
   ap.add_argument("--max-num-seqs", type=int, default=None)
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  ap.add_argument("--out-dir", type=pathlib.Path, default=None,
+                  help="default: bench/results (bench/results/tmp with --quick)")
   args = ap.parse_args(argv)
   q = args.quick
   # --quick: a smoke run for tests, no warm-up (compile time lands in time_s; figures are
@@ -572,9 +563,9 @@ def main(argv=None) -> dict:
     "goal_fraction_of_matmul_rate": GOAL_ROOFLINE,
     "notes": notes,
   }
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(doc, indent=2) + "\n")
-  print(f"\nwrote {args.out}")
+  out = common.results_dir(q, args.out_dir) / "throughput.json"
+  out.write_text(json.dumps(doc, indent=2) + "\n")
+  print(f"\nwrote {out}")
   return doc
 
 

@@ -1,7 +1,7 @@
 """The benchmark suite's own experiments run in their --quick form and report sane figures.
 
 Covers bench/memory_waste.py, bench/fragmentation.py, bench/memory_timeline.py,
-bench/host_overhead.py, bench/attention.py and bench/run_all.py. Each experiment runs
+bench/host_overhead.py, bench/attention.py, bench/pool_scaling.py and bench/run_all.py. Each experiment runs
 once per module (fixtures), writing into a temporary folder; the tests check the JSON's
 fields and the relations the figures must satisfy. No timing is asserted.
 """
@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from bench import attention, fragmentation, host_overhead, memory_timeline, memory_waste, run_all
+from bench import (attention, fragmentation, host_overhead, memory_timeline, memory_waste,
+                   pool_scaling, run_all)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,19 @@ def test_attention_quick(out_dir):
     (64, "bfloat16"),
   ]
   assert all(r["ratio_xla"] > 0 for r in report["results"])
+
+
+def test_pool_scaling_quick(out_dir):
+  report = pool_scaling.run(quick=True, out_dir=out_dir, pools=[64, 256], steps=3)
+  _written(out_dir, "pool_scaling", report)
+  rows = report["results"]
+  assert [(r["batch"], r["num_blocks"]) for r in rows] == [(1, 64), (1, 256), (2, 64), (2, 256)]
+  for r in rows:
+    assert r["decode_steps"] == 3 and r["ms_per_step"] > 0
+    assert r["ms_per_token"] == pytest.approx(r["ms_per_step"] / r["batch"])
+    assert r["kv_pool_mib"] > 0 and r["fraction_of_matmul_rate"] > 0
+  assert rows[0]["ratio_to_smallest_pool"] == rows[2]["ratio_to_smallest_pool"] == 1.0
+  assert report["matmul_rate"]["gflops"] > 0 and len(report["headline"]) == 4
 
 
 def test_run_all_headline_and_skips():

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from bench import throughput
+from bench import common, run_all, throughput
 from bench.contiguous_baseline import ContiguousServer
 from bench.workloads import make_trace
 from pagedjax import LLM, SamplingParams
@@ -67,10 +67,15 @@ def test_baseline_batches_fit_the_budget():
       assert all(ins[j] + outs[j] <= s_max for j in idx)
 
 
-def test_quick_run_writes_sane_json(tmp_path):
-  out = tmp_path / "throughput.json"
-  throughput.main(["--quick", "--out", str(out)])
-  doc = json.loads(out.read_text())
+def test_quick_run_writes_sane_json_only_under_tmp(tmp_path, monkeypatch):
+  # Through bench.run_all, as a user runs it: a quick run never touches bench/results/.
+  results = tmp_path / "results"
+  monkeypatch.setattr(common, "RESULTS", results)
+  summary = run_all.run(quick=True, only=["throughput"])
+  assert summary["experiments"]["throughput"]["status"] == "ok"
+  written = sorted(p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file())
+  assert written == ["tmp/summary.json", "tmp/throughput.json"]
+  doc = json.loads((results / "tmp" / "throughput.json").read_text())
   assert doc["inputs"]["quick"] and doc["seed"] == 0
   assert {"platform", "jax", "load_average_start", "load_average_end"} <= doc["machine"].keys()
   assert doc["workload"]["name"] == "sharegpt-like"
