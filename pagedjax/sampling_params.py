@@ -16,6 +16,8 @@ import numbers
 from typing import Sequence
 
 _GREEDY_EPS = 1e-5
+_F32_MAX = 3.4028234663852886e38
+_F32_TINY = 1.1754943508222875e-38  # smallest normal float32
 _U64 = 1 << 64
 
 
@@ -30,12 +32,15 @@ def _int(name: str, value, *, minimum: int | None = None, none_ok: bool = False)
   return value
 
 
-def _float(name: str, value) -> float:
+def _float(name: str, value, *, device: bool = False) -> float:
+  """A finite float; `device`: also finite as the float32 the step computes with."""
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
   value = float(value)
   if not math.isfinite(value):
     raise ValueError(f"{name} must be finite, got {value!r}")
+  if device and abs(value) > _F32_MAX:
+    raise ValueError(f"{name}={value!r} is not representable as float32 (|x| <= {_F32_MAX:.4g})")
   return value
 
 
@@ -100,7 +105,7 @@ class SamplingParams:
 
   def __post_init__(self):
     self.max_tokens = _int("max_tokens", self.max_tokens, minimum=1)
-    self.temperature = _float("temperature", self.temperature)
+    self.temperature = _float("temperature", self.temperature, device=True)
     if self.temperature < 0:
       raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
     self.top_k = _int("top_k", self.top_k, minimum=-1)
@@ -109,6 +114,9 @@ class SamplingParams:
     self.top_p = _float("top_p", self.top_p)
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    if self.top_p < _F32_TINY:
+      raise ValueError(f"top_p={self.top_p!r} rounds to 0 in float32; use a value >= "
+                       f"{_F32_TINY:.4g} (any positive top_p keeps the most likely token)")
     self.seed = _int("seed", self.seed, none_ok=True)
     self.stop = self._stop_strings(self.stop)
     ids = self.stop_token_ids

@@ -291,7 +291,7 @@ class LLM:
     self._pending.clear()
     if not self.scheduler.has_unfinished():
       return pending
-    return pending + [self._request_output(g) for g in self._step()]
+    return pending + [self._output(g) for g in self._step()]
 
   def _step(self) -> list[SequenceGroup]:
     """One engine step; returns the groups it advanced or failed."""
@@ -394,18 +394,32 @@ class LLM:
   def _decode(self, ids: list[int]) -> str:
     return self.tokenizer.decode(ids) if getattr(self.tokenizer, "has_text", True) else ""
 
-  def _logprobs(self, seq: Sequence) -> list[dict[int, Logprob]]:
+  def _output(self, group: SequenceGroup) -> RequestOutput:
+    """The group's RequestOutput; if building it fails (e.g. detokenization), the request
+    ends with finish_reason "error" and an output without text; the others go on."""
+    try:
+      return self._request_output(group)
+    except Exception as e:  # noqa: BLE001  (isolation: one request's failure is its own)
+      self.scheduler.finish_group(group, "error")
+      for seq in group.seqs:
+        seq.finish_reason, seq.stop_reason = "error", None
+      self._groups.pop(group.request_id, None)
+      self._failed(group, e)
+      return self._request_output(group, decode=False)
+
+  def _logprobs(self, seq: Sequence, decode) -> list[dict[int, Logprob]]:
     out = []
     for tok, lp, rank, top in zip(seq.output_token_ids, seq.output_logprobs, seq.output_ranks,
                                   seq.output_top_logprobs):
-      d = {t: Logprob(l, i + 1, self._decode([t])) for i, (t, l) in enumerate(top)}
+      d = {t: Logprob(l, i + 1, decode([t])) for i, (t, l) in enumerate(top)}
       if tok not in d:
-        d[tok] = Logprob(lp, rank, self._decode([tok]))
+        d[tok] = Logprob(lp, rank, decode([tok]))
       out.append(d)
     return out
 
-  def _request_output(self, group: SequenceGroup) -> RequestOutput:
+  def _request_output(self, group: SequenceGroup, *, decode: bool = True) -> RequestOutput:
     p = group.params
+    _decode = self._decode if decode else (lambda ids: "")
     if p.use_beam_search:
       if group.is_finished and group.hypotheses:
         hyps = beam_search.best(group.hypotheses, p.n)
@@ -415,16 +429,16 @@ class LLM:
             beam_search.beam_score(s.cumulative_logprob, len(s.output_token_ids),
                                    p.length_penalty)) for s in group.seqs], p.n)
       reason = "error" if group.error else None
-      outs = [CompletionOutput(index=i, text=self._decode(h.token_ids), token_ids=h.token_ids,
+      outs = [CompletionOutput(index=i, text=_decode(h.token_ids), token_ids=h.token_ids,
                                cumulative_logprob=h.cumulative_logprob,
                                finish_reason=reason or h.finish_reason)
               for i, h in enumerate(hyps)]
     else:
       outs = [CompletionOutput(
           index=i,
-          text=self._decode(s.output_token_ids) if s.output_text is None else s.output_text,
+          text=_decode(s.output_token_ids) if s.output_text is None else s.output_text,
           token_ids=list(s.output_token_ids), cumulative_logprob=s.cumulative_logprob,
-          logprobs=self._logprobs(s) if p.logprobs is not None else None,
+          logprobs=self._logprobs(s, _decode) if p.logprobs is not None else None,
           finish_reason=s.finish_reason, stop_reason=s.stop_reason)
           for i, s in enumerate(group.seqs)]
     return RequestOutput(group.request_id, group.prompt, list(group.prompt_token_ids), outs,
@@ -482,7 +496,7 @@ class LLM:
         for group in self._step():  # outputs are built only for finished requests
           if not group.is_finished:
             continue
-          out = self._request_output(group)
+          out = self._output(group)
           if group.request_id in wanted:
             final[group.request_id] = out
             if bar is not None:

@@ -74,6 +74,7 @@ def sample(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
     # Keep the smallest prefix whose mass reaches top_p (always at least one token).
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
     keep_sorted = (mass_before < top_p[:, None]) & (sorted_logits >= kth)
+    keep_sorted = keep_sorted.at[:, 0].set(True)  # the most likely token, whatever top_p
     cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     filtered = jnp.where((scaled >= cutoff) & allowed, scaled, _NEG_INF)
     drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
