@@ -1,0 +1,129 @@
+"""One packed step per iteration (issue 11): chunked prefill changes no output token.
+
+A 300-token prompt prefilled in chunks of any budget gives the tokens of one whole
+prefill and of the dense no-cache forward; chunks mix with decodes, with preemption in
+both modes, with n > 1 and beams; a running decode gets a token every step while a long
+prompt is prefilled beside it; compiled programs stay bounded.
+"""
+
+import numpy as np
+import pytest
+
+from pagedjax import LLM, SamplingParams
+from pagedjax.runner.model import greedy_generate_dense
+from pagedjax.weights.checkpoint import load_bundled_model
+from pagedjax.weights.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+LONG = ("Assignment statements are used to (re)bind names to values and to modify attributes "
+        "or items of mutable objects. The syntax is as follows: an assignment statement "
+        "evaluates the expression list and assigns the single resulting object to each of the "
+        "target lists, from left to right. Assignment is defined recursively depending on ")
+LONG_IDS = TOK.encode(LONG)[:300]
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def dense_tokens():
+  model = load_bundled_model()[1]
+  return greedy_generate_dense(model, LONG_IDS, 8, num_valid_tokens=TOK.vocab_size,
+                               stop_token_ids=(TOK.eos_id,))
+
+
+def _tokens(outs):
+  return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def test_long_prompt_is_300_tokens():
+  assert len(LONG_IDS) == 300
+
+
+@pytest.mark.parametrize("budget", [16, 32, 64, 2048])
+def test_chunked_prefill_equals_whole_prefill_and_dense(dense_tokens, budget):
+  llm = LLM(num_blocks=64, max_num_batched_tokens=budget, max_num_seqs=8)
+  out = llm.generate(LONG_IDS, GREEDY)[0].outputs[0]
+  assert out.token_ids == dense_tokens
+  st = llm.memory_stats()
+  assert st["num_prefill_steps"] == -(-300 // budget)  # ceil: one chunk per step
+  assert st["num_prefill_tokens"] == 300
+
+
+def test_chunking_off_prefills_whole_prompts_and_refuses_longer(dense_tokens):
+  llm = LLM(num_blocks=64, max_num_batched_tokens=512, enable_chunked_prefill=False)
+  assert llm.generate(LONG_IDS, GREEDY)[0].outputs[0].token_ids == dense_tokens
+  assert llm.memory_stats()["num_prefill_steps"] == 1
+  small = LLM(num_blocks=64, max_num_batched_tokens=256, enable_chunked_prefill=False)
+  with pytest.raises(ValueError, match="max_num_batched_tokens"):
+    small.add_request(None, LONG_IDS, GREEDY)
+
+
+def test_budget_must_hold_one_block():
+  LLM(num_blocks=16, block_size=16, max_num_batched_tokens=16)
+  with pytest.raises(ValueError, match="max_num_batched_tokens"):
+    LLM(num_blocks=16, block_size=16, max_num_batched_tokens=15)
+
+
+REQUESTS = [  # (prompt, params) mixing long prompts, short ones, n > 1 and beams
+    (LONG_IDS, SamplingParams(max_tokens=10, temperature=0.0)),
+    ("def ", SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)),
+    (LONG_IDS[:140], SamplingParams(n=3, max_tokens=10, temperature=0.9, seed=7)),
+    ("The class ", SamplingParams(use_beam_search=True, beam_width=3, n=2, temperature=0.0,
+                                  max_tokens=8)),
+    (LONG_IDS[50:200], SamplingParams(max_tokens=12, temperature=0.7, top_p=0.9, seed=2)),
+]
+
+
+@pytest.fixture(scope="module")
+def roomy_reference():
+  llm = LLM(num_blocks=256, max_num_batched_tokens=2048, max_num_seqs=16)
+  return _tokens(llm.generate([p for p, _ in REQUESTS], [s for _, s in REQUESTS]))
+
+
+@pytest.mark.parametrize("budget, num_blocks, mode", [
+    (32, 256, "recompute"), (32, 40, "recompute"), (48, 40, "swap"),
+])
+def test_mixed_batches_under_any_budget_and_preemption(roomy_reference, budget, num_blocks, mode):
+  llm = LLM(num_blocks=num_blocks, max_num_batched_tokens=budget, max_num_seqs=16,
+            preemption_mode=mode, num_host_blocks=256)
+  outs = llm.generate([p for p, _ in REQUESTS], [s for _, s in REQUESTS])
+  assert _tokens(outs) == roomy_reference
+  st = llm.memory_stats()
+  if num_blocks == 40:
+    assert st["num_preemptions"] >= 1, st
+  assert st["num_free_blocks"] == st["num_blocks"]
+
+
+def test_a_decode_gets_a_token_every_step_while_a_long_prompt_is_chunked():
+  llm = LLM(num_blocks=64, max_num_batched_tokens=32, max_num_seqs=4)
+  llm.add_request("short", "def ", SamplingParams(max_tokens=40, temperature=0.0,
+                                                  ignore_eos=True))
+  lengths = []
+  for out in llm.step():  # the short prompt's prefill
+    lengths.append(len(out.outputs[0].token_ids))
+  llm.add_request("long", LONG_IDS, SamplingParams(max_tokens=2, temperature=0.0))
+  steps_while_chunking = 0
+  while llm.has_unfinished_requests():
+    outs = {o.request_id: o for o in llm.step()}
+    if "short" in outs:
+      lengths.append(len(outs["short"].outputs[0].token_ids))
+    if "long" in outs and not outs["long"].outputs[0].token_ids:
+      steps_while_chunking += 1
+    if "long" not in outs or not outs["long"].outputs[0].token_ids:
+      if lengths[-1] < 40:
+        assert "short" in outs  # the decode was not starved by the chunks
+  assert lengths == list(range(1, 41))
+  # The 300-token prompt took ~300 / 31 steps of chunks, each beside a decode.
+  assert steps_while_chunking >= 300 // 32
+
+
+def test_compilations_stay_bounded_across_budgets_and_lengths():
+  llm = LLM(num_blocks=128, max_num_batched_tokens=64, max_num_seqs=8)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, 256, size=n).tolist() for n in rng.integers(1, 150, size=10)]
+  params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+  first = _tokens(llm.generate(prompts, params))
+  compiled = llm.num_compilations
+  # T buckets (8..64) x sample-row buckets (1..8) x decode / tile buckets: a few dozen.
+  assert compiled <= 40
+  assert _tokens(llm.generate(prompts, params)) == first
+  assert llm.num_compilations == compiled  # steady state: nothing new
