@@ -32,20 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pagedjax.intmath import next_power_of_two, round_up
 from pagedjax.runner.attention import decode_attention_reference, prefill_attention_reference
 
 RESERVE_POLICIES = ("max-context", "oracle")
 _ORACLE_ROUND = 64  # oracle S_max granularity: bounds the number of compiled shapes
 _KV_LEN_ROUND = 128  # decode attends to a prefix of this granularity, not all of S_max
 _MIN_PREFILL = 16
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
-def _pow2(n: int, minimum: int) -> int:
-  return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
 @dataclasses.dataclass
@@ -173,7 +166,7 @@ class ContiguousServer:
         continue
       idx, s_max = [], 0
       while i < n:
-        s = min(ctx, _round_up(prompt_lens[i] + output_lens[i], _ORACLE_ROUND))
+        s = min(ctx, round_up(prompt_lens[i] + output_lens[i], _ORACLE_ROUND))
         s_new = max(s_max, s)
         if idx and (len(idx) + 1) * s_new > self.budget_tokens:
           break
@@ -187,10 +180,10 @@ class ContiguousServer:
 
   def _shapes(self, lens: np.ndarray, outs: np.ndarray, s_max: int) -> tuple[int, list[int]]:
     """(prefill length T, decode kv_len of each decode step) of one static batch."""
-    t = min(s_max, _pow2(int(lens.max()), _MIN_PREFILL))
+    t = min(s_max, next_power_of_two(int(lens.max()), _MIN_PREFILL))
     top = int(lens.max())
     kv_lens = [
-      min(s_max, _round_up(min(top + step - 1, s_max - 1) + 1, _KV_LEN_ROUND))
+      min(s_max, round_up(min(top + step - 1, s_max - 1) + 1, _KV_LEN_ROUND))
       for step in range(1, int(outs.max()))
     ]
     return t, kv_lens

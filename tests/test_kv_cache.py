@@ -62,15 +62,45 @@ def test_write_kv_matches_numpy_and_skips_padding(dtype):
   np.testing.assert_array_equal(got_v, want_v)
 
 
-def test_write_kv_pages_one_layer_is_traceable():
-  cache, k_np, _ = _random_cache(3)
-  k_new = jnp.ones((2, HKV, D))
-  f = jax.jit(kc.write_kv_pages)
-  k_l, v_l = f(cache.k_pages[0], cache.v_pages[0], k_new, 2 * k_new, jnp.array([-1, 9]))
-  want = k_np[0].copy()
-  want[:, 2, 1] = 1.0
-  np.testing.assert_array_equal(np.asarray(k_l), want)
-  np.testing.assert_array_equal(np.asarray(v_l)[:, 2, 1], 2.0)
+@pytest.mark.parametrize("dtype, bits", [(jnp.float32, False), (jnp.bfloat16, False),
+                                         (jnp.bfloat16, True)])
+def test_row_view_write_equals_the_5d_write(dtype, bits):
+  """write_kv_rows (the xla step's write, on the row view, optionally on uint16 bit
+  storage) writes exactly what write_kv_layer writes on the 5-D pages."""
+  cache, _, _ = _random_cache(3, dtype)
+  rng = np.random.default_rng(4)
+  slots = jnp.asarray([5, -1, 17, 30, -7, 0], jnp.int32)
+  k_new = jnp.asarray(rng.standard_normal((6, HKV, D)), jnp.float32)
+  v_new = jnp.asarray(rng.standard_normal((6, HKV, D)), jnp.float32)
+  want_k, want_v = jax.jit(kc.write_kv_layer)(cache.k_pages, cache.v_pages, 1, k_new, v_new, slots)
+  k, v = cache.k_pages, cache.v_pages
+  if bits:
+    k, v = (jax.lax.bitcast_convert_type(x, jnp.uint16) for x in (k, v))
+  geometry = kc.PoolGeometry.of(k)
+
+  @jax.jit
+  def rows_write(k, v):
+    kr, vr = kc.write_kv_rows(kc.to_rows(k), kc.to_rows(v), 1, k_new, v_new, slots, geometry)
+    return kc.from_rows(kr, geometry), kc.from_rows(vr, geometry)
+
+  got_k, got_v = (kc.from_storage(x) for x in rows_write(k, v))
+  assert got_k.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32))
+  np.testing.assert_array_equal(np.asarray(got_v, np.float32), np.asarray(want_v, np.float32))
+
+
+def test_bit_storage_cache_reports_its_logical_dtype():
+  cache = kc.init_kv_cache(num_layers=L, num_kv_heads=HKV, num_blocks=N, block_size=BS,
+                           head_dim=D, dtype=jnp.bfloat16, bit_storage=True)
+  assert cache.k_pages.dtype == jnp.uint16 and cache.dtype == jnp.bfloat16
+  f32 = kc.init_kv_cache(num_layers=L, num_kv_heads=HKV, num_blocks=N, block_size=BS,
+                         head_dim=D, bit_storage=True)
+  assert f32.k_pages.dtype == jnp.float32
+  x = jnp.asarray([1.5, -2.25, 3e38], jnp.float32)
+  stored = kc.to_storage(x, jnp.uint16)
+  assert stored.dtype == jnp.uint16
+  np.testing.assert_array_equal(np.asarray(kc.from_storage(stored), np.float32),
+                                np.asarray(x.astype(jnp.bfloat16), np.float32))
 
 
 def test_write_kv_rejects_bad_shapes():

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pagedjax.core.block_allocator import BlockAllocator, NoFreeBlocksError
+from pagedjax.intmath import ceil_div
 
 __all__ = [
     "BlockManager", "MemoryStats", "NoFreeBlocksError", "SequenceStateError", "SlotRef",
@@ -158,7 +159,7 @@ class BlockManager:
 
   def num_required_blocks(self, num_tokens: int) -> int:
     """Blocks needed to hold `num_tokens` tokens: ceil(num_tokens / block_size)."""
-    return -(-num_tokens // self.block_size)
+    return ceil_div(num_tokens, self.block_size)
 
   def has_seq(self, seq_id: Hashable) -> bool:
     return seq_id in self._seqs
@@ -243,7 +244,7 @@ class BlockManager:
     if seq is None or seq.swapped:
       self._get_resident(seq_id)  # raises the right error
     bs = self.block_size
-    new_blocks = -(-(seq.num_tokens + num_tokens) // bs) - len(seq.table)
+    new_blocks = ceil_div(seq.num_tokens + num_tokens, bs) - len(seq.table)
     offset = seq.num_tokens % bs
     cow = offset != 0 and num_tokens > 0 and self.device_allocator.ref_counts[seq.table[-1]] > 1
     return new_blocks + cow
@@ -265,7 +266,7 @@ class BlockManager:
         continue
       if seq.swapped:
         self._get_resident(seq_id)  # raises the right error
-      total += -(-(seq.num_tokens + n) // self.block_size) - len(seq.table)
+      total += ceil_div(seq.num_tokens + n, self.block_size) - len(seq.table)
       if n and seq.num_tokens % self.block_size:
         writers[seq.table[-1]] += 1
     for block, count in writers.items():
@@ -313,7 +314,7 @@ class BlockManager:
         self.device_allocator.decref(block)  # > 1, so the block stays allocated
         table[-1] = new_block
         cow = (block, new_block)
-    for _ in range(-(-(seq.num_tokens + num_tokens) // self.block_size) - len(table)):
+    for _ in range(ceil_div(seq.num_tokens + num_tokens, self.block_size) - len(table)):
       table.append(self.device_allocator.allocate())
     seq.num_tokens += num_tokens
     self._note_usage()

@@ -34,14 +34,11 @@ import dataclasses
 from collections.abc import Callable, Collection
 
 from pagedjax.core import beam_search
+from pagedjax.intmath import ceil_div
 from pagedjax.core.block_manager import BlockManager
 from pagedjax.core.sequence import Sequence, SequenceGroup, SequenceStatus
 
 PREEMPTION_MODES = ("recompute", "swap")
-
-
-def ceil_div(a: int, b: int) -> int:
-  return -(-a // b)
 
 
 def max_blocks_needed(prompt_len: int, max_tokens: int, width: int, *, block_size: int,

@@ -8,7 +8,7 @@ and every block copy/swap, this module only executes them on device.
 Two kinds of entry points:
 
 * traceable pure functions for use inside a caller's jitted step:
-  `write_kv_pages` (one layer), `write_kv_layer`, `copy_kv_blocks` on the 5-D pages, and
+  `write_kv_layer`, `copy_kv_blocks` on the 5-D pages, and
   `write_kv_rows` on the row view `[L * Hkv * N, bs * D]` (`to_rows`)
   that the xla step uses throughout (see pagedjax.runner.attention for why);
 * jitted public entries that *donate* the pages, so the update happens in place:
@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import SingleDeviceSharding
+
+from pagedjax.intmath import next_power_of_two
 
 # Number of times each jitted entry has been traced (= compiled programs), by name.
 _TRACES: collections.Counter[str] = collections.Counter()
@@ -265,14 +267,6 @@ def write_kv_layer(
   return put(k_pages, k), put(v_pages, v)
 
 
-def write_kv_pages(
-  k_pages_l: jax.Array, v_pages_l: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """`write_kv_layer` for the pages of a single layer, `[Hkv, N, bs, D]` each."""
-  k_new, v_new = write_kv_layer(k_pages_l[None], v_pages_l[None], 0, k, v, slot_mapping)
-  return k_new[0], v_new[0]
-
-
 def _gather_blocks(pages: jax.Array, ids: jax.Array) -> jax.Array:
   # pages [L, Hkv, N, bs, D], ids int32[n] -> [L, Hkv, n, bs, D]; padding reads block 0.
   return pages[:, :, jnp.maximum(ids, 0)]
@@ -371,10 +365,6 @@ def init_host_pool(
 # Jitted, donated public entries.
 
 
-def _bucket(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
-
-
 def _block_ids(name: str, ids, limit: int, size: int) -> np.ndarray:
   # Host-side check + padding with -1 to `size` entries.
   ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -388,7 +378,7 @@ def _pair_ids(a_name, a, a_limit, b_name, b, b_limit) -> tuple[np.ndarray, np.nd
   a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
   if a.shape != b.shape:
     raise ValueError(f"{a_name} and {b_name} must have the same length, got {a.size} and {b.size}")
-  size = _bucket(a.size)
+  size = next_power_of_two(a.size)
   return _block_ids(a_name, a, a_limit, size), _block_ids(b_name, b, b_limit, size)
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pagedjax.intmath import ceil_div, next_power_of_two, round_up
 from pagedjax.runner import kv_cache as kvc
 from pagedjax.runner import step as step_lib
 from pagedjax.runner.attention import TILE_SIZE, AttentionMetadata
@@ -36,15 +37,6 @@ IMPLS = ("xla", "pallas", "pallas_interpret")
 MAX_BANNED = 8      # banned ids per sample row (min_tokens: stop ids + EOS)
 POOL_GRANULE = 64   # device / host page arrays are padded to a multiple of this
 _MIN_TOKEN_BUCKET = 8
-
-
-def next_power_of_two(n: int, minimum: int = 1) -> int:
-  """Smallest power of two >= max(n, minimum)."""
-  return 1 << max(0, (max(n, minimum) - 1).bit_length())
-
-
-def round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +80,7 @@ class ModelRunner:
     self.dtype = jnp.dtype(dtype)
     self.block_size = block_size
     self.vocab_size = vocab_size
-    self.max_blocks_per_seq = -(-max_model_len // block_size)
+    self.max_blocks_per_seq = ceil_div(max_model_len, block_size)
     self._geometry = kvc.PoolGeometry(cfg.num_layers, cfg.num_kv_heads,
                                       round_up(num_blocks, POOL_GRANULE), block_size,
                                       cfg.head_dim)
@@ -199,7 +191,7 @@ class ModelRunner:
     dec_tables[:len(dec)] = tables[dec]
 
     pre = np.flatnonzero(lens > 1)
-    per_seq = -(-lens[pre] // TILE_SIZE)  # tiles per prefill sequence
+    per_seq = ceil_div(lens[pre], TILE_SIZE)  # tiles per prefill sequence (numpy ints)
     np_ = next_power_of_two(int(per_seq.sum())) if len(pre) else 0
     tile_seq = np.repeat(pre, per_seq)  # [tiles]
     first_tile = np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
