@@ -6,12 +6,14 @@ scattered by a random permutation through a pool with a block table per sequence
 (`pagedjax.runner.attention`, impl="xla"), and contiguously in several dense layouts. Each
 function is timed (median of --runs, calls interleaved round by round in one process)
 and the table reports the paged / best-contiguous ratio and the achieved K/V read
-bandwidth. On a GPU backend the Pallas kernel (impl="pallas") is timed as well.
+bandwidth. On a GPU backend the Pallas kernel (impl="pallas") is timed as well. The figure
+plots, against the context length, the time per call and the achieved bandwidth of every
+function (one line per function and dtype) and the paged / best-contiguous ratio.
 
 Timings on a shared machine are noisy: compare the ratios within one run (the JSON
 records the load average), not absolute times across runs.
 
-  python -m bench.attention            # full grid -> bench/results/attention.json
+  python -m bench.attention            # full grid -> bench/results/attention.{json,png}
   python -m bench.attention --quick    # small smoke run -> bench/results/tmp/
 """
 
@@ -82,6 +84,43 @@ def _time_all(fns: dict, runs: int) -> dict:
   return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
+def _figure(rows: list[dict], path: pathlib.Path) -> None:
+  """ms per call, achieved GB/s and paged / best-contiguous ratio vs context length."""
+  plt = common.pyplot()
+  fig, (ax_t, ax_bw, ax_r) = plt.subplots(1, 3, figsize=(15, 4.2))
+  names = list(rows[0]["seconds"])  # contiguous layouts, then the paged impls
+  colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+  styles = {"float32": "-", "bfloat16": "--"}
+  dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+  impls = [n.removeprefix("paged_") for n in names if n.startswith("paged_")]
+  for dtype in dtypes:
+    sel = sorted((r for r in rows if r["dtype"] == dtype), key=lambda r: r["context"])
+    ctx = [r["context"] for r in sel]
+    ls = styles.get(dtype, ":")
+    for name in names:
+      paged = name.startswith("paged_")
+      kw = dict(color=colors[name], ls=ls, marker="o" if paged else ".", lw=2 if paged else 1)
+      ax_t.plot(ctx, [r["seconds"][name] * 1e3 for r in sel], label=f"{name} {dtype}", **kw)
+      ax_bw.plot(ctx, [r["gbytes_per_s"][name] for r in sel], **kw)
+    for impl in impls:
+      ax_r.plot(ctx, [r[f"ratio_{impl}"] for r in sel], color=colors[f"paged_{impl}"], ls=ls,
+                marker="o", label=f"paged {impl} {dtype}")
+  ax_r.axhline(1.0, color="k", lw=0.8, ls=":", label="= best contiguous")
+  ax_t.set(yscale="log", ylabel="ms per call (median)", title="Decode attention time")
+  ax_bw.set(ylabel="achieved K/V read GB/s", title="Achieved bandwidth", ylim=(0, None))
+  ax_r.set(ylabel="paged / best contiguous time", title="Cost of paging", ylim=(0, None))
+  contexts = sorted({r["context"] for r in rows})
+  for ax in (ax_t, ax_bw, ax_r):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens, every sequence full)")
+    ax.set_xticks(contexts, [str(c) for c in contexts])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+  ax_t.legend(fontsize=7, ncol=2)
+  ax_r.legend(fontsize=7)
+  common.save_figure(fig, path)
+
+
 def run(
   quick: bool = False,
   out_dir=None,
@@ -90,7 +129,7 @@ def run(
   seed: int = 0,
   contexts: list[int] | None = None,
 ) -> dict:
-  """Runs the benchmark; prints the table and writes attention.json.
+  """Runs the benchmark; prints the table and writes attention.json / .png.
 
   Args:
     quick: batch 8 at context 256, 5 runs: a smoke run.
@@ -182,10 +221,13 @@ def run(
       f"paged xla / best contiguous ({r['dtype']}, ctx {r['context']})": round(r["ratio_xla"], 2)
       for r in rows
     },
+    "figure": "attention.png",
     "results": rows,
   }
-  path = common.write_json(common.results_dir(quick, out_dir) / "attention.json", report)
-  print(f"wrote {path}")
+  out = common.results_dir(quick, out_dir)
+  _figure(rows, out / "attention.png")
+  path = common.write_json(out / "attention.json", report)
+  print(f"wrote {path} and {out / 'attention.png'}")
   return report
 
 

@@ -8,11 +8,13 @@ For 256 and 1024 running sequences with "sharegpt-like" prompt lengths
 and per operation: `fork` of every sequence (parallel sampling), the next
 decode step of the children (copy-on-write of the shared last block), and
 `free` of the children. Figures are microseconds per sequence (median and p90
-over steps or repeats). Goal (DESIGN.md): <= 2 us per sequence per step.
+over steps or repeats). Goal (DESIGN.md): <= 2 us per sequence per step. The figure
+shows the median (bar) and p90 (whisker) per op, one bar per number of sequences, against
+the goal line.
 
 Does not touch JAX or the device: host-side Python only, garbage collector on.
 
-  python -m bench.host_overhead [--quick]  ->  table + bench/results/host_overhead.json
+  python -m bench.host_overhead [--quick]  ->  table + bench/results/host_overhead.{json,png}
                                             (--quick: bench/results/tmp/)
 """
 
@@ -136,6 +138,33 @@ def measure(
   return rows
 
 
+def _figure(rows: list[dict], path: pathlib.Path) -> None:
+  """Median (bar) and p90 (whisker) us per sequence of every op, per number of sequences."""
+  plt = common.pyplot()
+  timed = [r for r in rows if "median_us" in r]
+  ops = list(dict.fromkeys(r["op"] for r in timed))
+  cases = list(dict.fromkeys(r["num_seqs"] for r in timed))
+  by = {(r["op"], r["num_seqs"]): r for r in timed}
+  fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(ops) * len(cases) ** 0.5 + 2), 4.2))
+  x = np.arange(len(ops))
+  width = 0.8 / len(cases)
+  for k, n in enumerate(cases):
+    sel = [by.get((op, n)) for op in ops]
+    med = [r["median_us"] if r else np.nan for r in sel]
+    up = [r["p90_us"] - r["median_us"] if r else 0.0 for r in sel]
+    pos = x + (k - (len(cases) - 1) / 2) * width
+    bars = ax.bar(pos, med, width, yerr=[np.zeros(len(ops)), up], capsize=3, label=f"{n} seqs")
+    ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+  ax.axhline(GOAL_US, color="k", ls="--", lw=0.8, label=f"goal {GOAL_US:g} us/seq/step")
+  ax.set_xticks(x, [op.replace(" (", "\n(").replace("+", "+\n") for op in ops], fontsize=8)
+  ax.set_ylim(0, max(GOAL_US, max(r["p90_us"] for r in timed)) * 1.2)
+  ax.set_ylabel("us per sequence (bar: median, whisker: p90)")
+  ax.set_title("Block manager host cost per decode step / per op")
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(fontsize=8)
+  common.save_figure(fig, path)
+
+
 def run(
   quick: bool = False,
   out_dir=None,
@@ -146,7 +175,7 @@ def run(
   block_size: int = 16,
   seed: int = 0,
 ) -> dict:
-  """Runs the benchmark; prints the table and writes host_overhead.json.
+  """Runs the benchmark; prints the table and writes host_overhead.json / .png.
 
   Args:
     quick: few steps, a smoke run (~2 s).
@@ -209,10 +238,13 @@ def run(
       for row in rows
       if row["op"] == step_op
     },
+    "figure": "host_overhead.png",
     "results": rows,
   }
-  path = common.write_json(common.results_dir(quick, out_dir) / "host_overhead.json", report)
-  print(f"wrote {path}")
+  out = common.results_dir(quick, out_dir)
+  _figure(rows, out / "host_overhead.png")
+  path = common.write_json(out / "host_overhead.json", report)
+  print(f"wrote {path} and {out / 'host_overhead.png'}")
   return report
 
 

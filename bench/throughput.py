@@ -23,9 +23,12 @@ length (query included); padded rows and masked attention are not counted. The s
 then split with `time.perf_counter` into host scheduling, host plan building, the device
 step (synchronised) and the rest (device_get + token bookkeeping), and the device step's
 parts (matmuls, paged attention, KV write, sampling) are timed alone at the same shapes.
+The figure shows (a) output tokens/s per system, the engine / baseline ratio over each
+baseline's bar, and (b) the steady-decode step split in ms: host view (stacked) and the
+device parts timed alone (stacked, next to the full device step).
 
-  python -m bench.throughput [--quick]  ->  tables + bench/results/throughput.json
-                                            (--quick: bench/results/tmp/throughput.json)
+  python -m bench.throughput [--quick]  ->  tables + bench/results/throughput.{json,png}
+                                            (--quick: bench/results/tmp/throughput.*)
 """
 
 from __future__ import annotations
@@ -390,6 +393,49 @@ def _table(rows: list[tuple], header: tuple) -> str:
   return "\n".join(lines)
 
 
+def _figure(systems: dict, ratios: dict, steady: dict, path: pathlib.Path) -> None:
+  """(a) output tokens/s per system with the engine's ratio; (b) the steady-decode split, ms."""
+  plt = common.pyplot()
+  fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(13, 4.4), width_ratios=(1, 1.6))
+  names = list(systems)
+  rates = [systems[n]["output_tokens_per_s"] for n in names]
+  colors = ["tab:green" if n == "engine" else "tab:gray" for n in names]
+  bars = ax_t.bar(range(len(names)), rates, color=colors)
+  labels = [f"{r:.0f} tok/s" + (f"\nengine {ratios[n]:.2f}x" if n in ratios else "")
+            for n, r in zip(names, rates)]
+  ax_t.bar_label(bars, labels, fontsize=8, padding=2)
+  ax_t.set_xticks(range(len(names)), [n.replace("/", "\n") for n in names], fontsize=8)
+  ax_t.set_ylim(0, max(rates) * 1.25)
+  ax_t.set_ylabel("output tokens / s")
+  ax_t.set_title(f"Same KV budget: engine vs contiguous (goal >= {GOAL_RATIO:g}x)", fontsize=10)
+  ax_t.grid(axis="y", alpha=0.3)
+
+  host = {k: v for k, v in steady["step_split_s"].items() if k != "total"}
+  dev = {k: v for k, v in steady["device_split_s"].items() if k != "full_step"}
+  rows = [("host view of one step", host), ("device parts, each alone", dev)]
+  cmap = plt.get_cmap("tab10")
+  for y, (_, parts) in enumerate(rows):
+    left = 0.0
+    for j, (k, v) in enumerate(parts.items()):
+      color = cmap(j + (0 if y == 0 else len(host)))
+      ax_s.barh(y, v * 1e3, left=left, color=color, edgecolor="white", label=k)
+      left += v * 1e3
+  full = steady["device_split_s"]["full_step"] * 1e3
+  ax_s.plot([full, full], [0.6, 1.4], color="k", lw=1.5, label=f"full device step {full:.2f} ms")
+  ax_s.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=8)
+  ax_s.invert_yaxis()
+  ax_s.set_xlabel("ms per decode step (medians)")
+  ax_s.set_title(
+    f"Steady decode, batch {steady['batch']}, mean context {steady['mean_context']:.0f}: "
+    f"{steady['step_split_s']['total'] * 1e3:.2f} ms/step, "
+    f"{steady['fraction_of_matmul_rate']:.0%} of matmul rate",
+    fontsize=10,
+  )
+  ax_s.grid(axis="x", alpha=0.3)
+  ax_s.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=5)
+  common.save_figure(fig, path)
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--quick", action="store_true", help="tiny smoke run (tests)")
@@ -561,11 +607,13 @@ def main(argv=None) -> dict:
     "matmul_rate": matmul,
     "steady_decode": steady,
     "goal_fraction_of_matmul_rate": GOAL_ROOFLINE,
+    "figure": "throughput.png",
     "notes": notes,
   }
   out = common.results_dir(q, args.out_dir) / "throughput.json"
+  _figure(systems, ratios, steady, out.with_suffix(".png"))
   out.write_text(json.dumps(doc, indent=2) + "\n")
-  print(f"\nwrote {out}")
+  print(f"\nwrote {out} and {out.with_suffix('.png')}")
   return doc
 
 

@@ -110,7 +110,8 @@ def test_memory_timeline_shows_sharing_and_preemption(out_dir, timeline):
 
 def test_host_overhead_quick(out_dir):
   report = host_overhead.run(quick=True, out_dir=out_dir, num_seqs=[64], steps=4, repeats=2)
-  _written(out_dir, "host_overhead", report, png=False)
+  _written(out_dir, "host_overhead", report)
+  assert report["figure"] == "host_overhead.png"
   ops = {r["op"] for r in report["results"]}
   assert {"append_slot", "fork", "free (forked child)"} <= ops
   assert all(r["median_us"] > 0 for r in report["results"] if "median_us" in r)
@@ -119,7 +120,8 @@ def test_host_overhead_quick(out_dir):
 
 def test_attention_quick(out_dir):
   report = attention.run(quick=True, out_dir=out_dir, runs=1, contexts=[64])
-  _written(out_dir, "attention", report, png=False)
+  _written(out_dir, "attention", report)
+  assert report["figure"] == "attention.png"
   assert [(r["context"], r["dtype"]) for r in report["results"]] == [
     (64, "float32"),
     (64, "bfloat16"),

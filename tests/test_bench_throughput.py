@@ -2,7 +2,7 @@
 
 The baseline's greedy tokens must equal the engine's (its correctness anchor), the
 workload must be reproducible and fit the context, and `--quick` must write a JSON with
-sane fields. No timing is asserted: figures depend on the machine and its load.
+sane fields and a figure. No timing is asserted: figures depend on the machine and its load.
 """
 
 import json
@@ -74,8 +74,10 @@ def test_quick_run_writes_sane_json_only_under_tmp(tmp_path, monkeypatch):
   summary = run_all.run(quick=True, only=["throughput"])
   assert summary["experiments"]["throughput"]["status"] == "ok"
   written = sorted(p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file())
-  assert written == ["tmp/summary.json", "tmp/throughput.json"]
+  assert written == ["tmp/summary.json", "tmp/throughput.json", "tmp/throughput.png"]
+  assert (results / "tmp" / "throughput.png").stat().st_size > 1000
   doc = json.loads((results / "tmp" / "throughput.json").read_text())
+  assert doc["figure"] == "throughput.png"
   assert doc["inputs"]["quick"] and doc["seed"] == 0
   assert {"platform", "jax", "load_average_start", "load_average_end"} <= doc["machine"].keys()
   assert doc["workload"]["name"] == "sharegpt-like"
