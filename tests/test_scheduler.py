@@ -231,3 +231,28 @@ def test_every_request_finishes_within_a_bounded_number_of_steps(
   assert bm.host_allocator.num_free_blocks == bm.num_host_blocks
   for _, g in groups:
     assert g.is_finished
+
+
+@pytest.mark.parametrize("policy, per_seq", [("max", 512 // 16), ("pow2", 128 // 16),
+                                             ("oracle", -(-100 // 16))])
+def test_reservation_policies_admit_by_reserved_blocks_and_never_preempt(policy, per_seq):
+  """The paper's Orca baselines: admission by reserved blocks; nothing is preempted."""
+  from pagedjax.core.block_manager import BlockManager
+  from pagedjax.core.scheduler import Scheduler
+  from pagedjax.core.sequence import SequenceGroup
+  from pagedjax.sampling_params import SamplingParams
+
+  bm = BlockManager(64, 16, 0)
+  sched = Scheduler(bm, max_num_seqs=16, max_num_batched_tokens=4096, max_model_len=512,
+                    reservation=policy)
+  assert sched.reserved_blocks(90, 10, 1) == per_seq
+  assert sched.reserved_blocks(90, 10, 2) == 2 * per_seq
+  params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+  for i in range(10):
+    sched.add(SequenceGroup(str(i), list(range(90)), params, arrival=i, seed=0))
+  out = sched.schedule()
+  admitted = len({s.group.request_id for s in out.seqs})
+  assert admitted == min(10, 64 // per_seq)
+  with pytest.raises(ValueError, match="reservation"):
+    Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=512,
+              reservation="half")

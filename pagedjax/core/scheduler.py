@@ -34,11 +34,16 @@ import dataclasses
 from collections.abc import Callable, Collection
 
 from pagedjax.core import beam_search
-from pagedjax.intmath import ceil_div
+from pagedjax.intmath import ceil_div, next_power_of_two
 from pagedjax.core.block_manager import BlockManager
 from pagedjax.core.sequence import Sequence, SequenceGroup, SequenceStatus
 
 PREEMPTION_MODES = ("recompute", "swap")
+# Orca-style reservation baselines of the paper (section 6.1), as admission policies of
+# this same engine: a request is admitted only if the blocks reserved for every running
+# request plus its own fit the pool, so nothing is ever preempted and memory management
+# is the only difference from paging. None: no reservation (vLLM's paging).
+RESERVATIONS = (None, "max", "pow2", "oracle")
 
 
 def max_blocks_needed(prompt_len: int, max_tokens: int, width: int, *, block_size: int,
@@ -134,12 +139,19 @@ class Scheduler:
     preemption_mode: "recompute" or "swap".
     enable_chunked_prefill: split prompts across steps; False computes a fresh prompt in
       one step (recompute after preemption is always chunked).
+    reservation: None (paging), or an Orca baseline reserving, per sequence at
+      admission, the model's context ("max"), the next power of two of prompt +
+      max_tokens ("pow2"), or prompt + max_tokens itself ("oracle": the true length when
+      requests run to max_tokens); see `reserved_blocks`.
   """
 
   def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
                max_num_batched_tokens: int, max_model_len: int,
                eos_token_ids: Collection[int] = (), preemption_mode: str = "recompute",
-               enable_chunked_prefill: bool = True):
+               enable_chunked_prefill: bool = True, reservation: str | None = None):
+    if reservation not in RESERVATIONS:
+      raise ValueError(f"reservation must be one of {RESERVATIONS}, got {reservation!r}")
+    self.reservation = reservation
     if preemption_mode not in PREEMPTION_MODES:
       raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
     if max_num_seqs < 1:
@@ -288,9 +300,26 @@ class Scheduler:
                                self.bm.block_table(seq.seq_id), samples))
     return rows
 
+  def reserved_blocks(self, prompt_len: int, max_tokens: int, width: int) -> int:
+    """Blocks the reservation policy sets aside for a request (0 without one): width x
+    ceil(reserved tokens / block_size), nothing shared (Orca has no paging)."""
+    if self.reservation is None:
+      return 0
+    total = min(prompt_len + max_tokens, self.max_model_len)
+    if self.reservation == "max":
+      total = self.max_model_len
+    elif self.reservation == "pow2":
+      total = min(next_power_of_two(total), self.max_model_len)
+    return width * ceil_div(total, self.bm.block_size)
+
+  def _reserved(self, group: SequenceGroup) -> int:
+    return self.reserved_blocks(len(group.prompt_token_ids), group.params.max_tokens,
+                                group.width)
+
   def _admit(self, out: SchedulerOutput, budget: int, decodes: list, chunks: list) -> int:
     """Swap-in and admission in arrival order (FCFS); returns the budget left."""
     seats = self.num_running_seqs
+    reserved = sum(self._reserved(g) for g in self.running)
     while self.swapped or self.waiting:
       swapped_first = self.swapped and (not self.waiting
                                         or self.swapped[0].arrival < self.waiting[0].arrival)
@@ -323,6 +352,10 @@ class Scheduler:
         reserve = self.bm.watermark_blocks if self.running else 0
         if need > self.bm.num_free_blocks - reserve:
           break
+        if self.reservation is not None:
+          if reserved + self._reserved(group) > self.bm.num_blocks:
+            break
+          reserved += self._reserved(group)
         self.waiting.pop(0)
         chunks += self._allocate(group, plan, out)
         budget -= sum(n for _, n in plan)

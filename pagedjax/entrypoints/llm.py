@@ -78,6 +78,9 @@ class LLM:
     kv_cache_memory_mb: KV budget used when num_blocks is None.
     seed: seeds requests that do not set SamplingParams.seed.
     skip_tokenizer_init: do not load the tokenizer: token-id prompts only, empty text.
+    kv_reservation: None (paging), or the paper's Orca baselines as admission policies
+      of this engine, for benchmarks: "max", "pow2" or "oracle" reserve each request's
+      context, power-of-two or true length at admission (see core.scheduler).
   """
 
   def __init__(self, model: str | None = None, *, max_model_len: int | None = None,
@@ -86,7 +89,7 @@ class LLM:
                max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
                preemption_mode: str = "recompute", attention_impl: str = "auto",
                dtype: str = "float32", kv_cache_memory_mb: float = 64.0, seed: int = 0,
-               skip_tokenizer_init: bool = False):
+               skip_tokenizer_init: bool = False, kv_reservation: str | None = None):
     _check_choice("attention_impl", attention_impl, ATTENTION_IMPLS)
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("preemption_mode", preemption_mode, ("recompute", "swap"))
@@ -131,7 +134,8 @@ class LLM:
                                max_model_len=cfg.max_seq_len,
                                eos_token_ids=self.tokenizer.eos_token_ids,
                                preemption_mode=preemption_mode,
-                               enable_chunked_prefill=enable_chunked_prefill)
+                               enable_chunked_prefill=enable_chunked_prefill,
+                               reservation=kv_reservation)
     self.runner = ModelRunner(module, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
                               **self.runner_kwargs)
     self._request_counter = itertools.count()
@@ -228,6 +232,10 @@ class LLM:
                        f"{self.max_num_batched_tokens} with enable_chunked_prefill=False")
     need = max_blocks_needed(prompt_len, params.max_tokens, width, block_size=self.block_size,
                              max_model_len=self.max_model_len)
+    reserved = self.scheduler.reserved_blocks(prompt_len, params.max_tokens, width)
+    if reserved > self.bm.num_blocks:
+      raise ValueError(f"kv_reservation={self.scheduler.reservation!r} reserves {reserved} KV "
+                       f"blocks for this request but the cache has {self.bm.num_blocks}")
     if need > self.bm.num_blocks:
       raise ValueError(f"request needs up to {need} KV blocks ({prompt_len} prompt tokens + "
                        f"{params.max_tokens} max_tokens x {width} sequences, the prompt's full "
