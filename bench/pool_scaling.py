@@ -37,12 +37,13 @@ def _decode_step_times(llm: LLM, batch: int, steps: int) -> list[float]:
     llm.add_request(None, p, params)
   times = []
   while llm.has_unfinished_requests():
-    before = llm.memory_stats()["num_prefill_tokens"]
+    before = llm.memory_stats()
     start = time.perf_counter()
     llm.step()
     dt = time.perf_counter() - start
-    st = llm.memory_stats()
-    if st["num_prefill_tokens"] == before and st["num_running_seqs"] == batch:
+    after = llm.memory_stats()
+    if after["num_prefill_tokens"] == before["num_prefill_tokens"] \
+        and before["num_running_seqs"] == batch:
       times.append(dt)
   return times
 

@@ -173,16 +173,21 @@ class ModelRunner:
     slots = np.full(t_cap, -1, np.int32)
     slots[:num_tokens] = tables[seq_of_token, pos // bs] * bs + pos % bs
 
-    attn, attn_key = (self._tiles(lens, starts, cu, tables, t_cap) if self.impl == "xla"
-                      else self._ragged(lens, starts, cu, tables))
     samp, logits_index, r_cap = self._sampling(seqs, cu)
+    attn, attn_key = (self._tiles(lens, starts, cu, tables, t_cap, r_cap) if self.impl == "xla"
+                      else self._ragged(lens, starts, cu, tables))
     batch = step_lib.StepBatch(tokens, positions, slots, attn, logits_index)
     return batch, samp, (t_cap, r_cap, *attn_key)
 
-  def _tiles(self, lens, starts, cu, tables, t_cap):
-    """AttentionMetadata for the xla path: decode rows and prefill tiles of TILE_SIZE."""
+  def _tiles(self, lens, starts, cu, tables, t_cap, r_cap):
+    """AttentionMetadata for the xla path: decode rows and prefill tiles of TILE_SIZE.
+
+    Decode rows are padded to the sample-row bucket r_cap (every decode samples, so
+    there are at most that many): one bucket fewer to compile, at the cost of a few
+    padded rows, which attend to nothing.
+    """
     dec = np.flatnonzero(lens == 1)
-    sd = next_power_of_two(len(dec)) if len(dec) else 0
+    sd = r_cap if len(dec) else 0
     dec_index = np.full(sd, t_cap, np.int32)
     dec_index[:len(dec)] = cu[dec]
     dec_pos = np.full(sd, -1, np.int32)
