@@ -34,6 +34,7 @@ EXPERIMENTS = (
   "swap_vs_recompute",
   "throughput",
   "pool_scaling",
+  "serving",
   "memory_timeline",
 )
 _MAX_FALLBACK_FIGURES = 6

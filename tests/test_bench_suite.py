@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from bench import (attention, fragmentation, host_overhead, memory_timeline, memory_waste,
-                   pool_scaling, run_all)
+                   pool_scaling, run_all, serving)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,20 @@ def test_pool_scaling_quick(out_dir):
     assert r["kv_pool_mib"] > 0 and r["fraction_of_matmul_rate"] > 0
   assert rows[0]["ratio_to_smallest_pool"] == rows[2]["ratio_to_smallest_pool"] == 1.0
   assert report["matmul_rate"]["gflops"] > 0 and len(report["headline"]) == 4
+
+
+def test_serving_quick(out_dir):
+  report = serving.run(quick=True, out_dir=out_dir, num_requests=4)
+  _written(out_dir, "serving", report)
+  t = report["traces"]["sharegpt-like"]
+  assert set(t["systems"]) == {"paged", "orca-max"}
+  for rows in t["systems"].values():
+    assert [r["rate"] for r in rows] == sorted(r["rate"] for r in rows)
+    for r in rows:
+      assert r["normalized_latency_s"] > 0 and r["ttft_s_p50"] <= r["ttft_s_p99"]
+      assert r["itl_s_p50"] <= r["itl_s_p99"] and r["num_preemptions"] >= 0
+  assert t["threshold_s"] > 0 and set(t["chunked_prefill_at_highest_rate"]) == {"on", "off"}
+  assert t["systems"]["orca-max"][0]["num_preemptions"] == 0  # reservation never preempts
 
 
 def test_run_all_headline_and_skips():

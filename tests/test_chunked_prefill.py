@@ -127,3 +127,28 @@ def test_compilations_stay_bounded_across_budgets_and_lengths():
   assert compiled <= 40
   assert _tokens(llm.generate(prompts, params)) == first
   assert llm.num_compilations == compiled  # steady state: nothing new
+
+
+def test_serving_program_keys_cover_a_varied_run():
+  llm = LLM(num_blocks=128, max_num_batched_tokens=64, max_num_seqs=4)
+  keys = set(llm.runner.serving_program_keys(64, 4))
+  rng = np.random.default_rng(1)
+  for batch in ([3, 40, 90], [17, 5, 33, 2]):
+    for n in batch:  # staggered arrivals: chunks of different prompts mix with decodes
+      llm.add_request(None, rng.integers(0, 256, size=n).tolist(),
+                      SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+      llm.step()
+    while llm.has_unfinished_requests():
+      llm.step()
+  assert set(llm.runner.programs) <= keys, set(llm.runner.programs) - keys
+
+
+def test_precompile_runs_the_programs_and_writes_nothing():
+  llm = LLM(num_blocks=64, block_size=8, max_num_batched_tokens=8, max_num_seqs=1)
+  before = np.asarray(llm.runner.kv.k_pages).copy()
+  assert llm.precompile() == len(llm.runner.serving_program_keys(8, 1)) == 5
+  np.testing.assert_array_equal(np.asarray(llm.runner.kv.k_pages), before)  # padding only
+  assert llm.precompile() == 0
+  out = llm.generate([[5, 6, 7], list(range(1, 20))], SamplingParams(max_tokens=4,
+                                                                     temperature=0.0))
+  assert llm.num_compilations == 5 and all(len(o.outputs[0].token_ids) == 4 for o in out)

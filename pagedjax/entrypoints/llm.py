@@ -516,6 +516,13 @@ class LLM:
         bar.close()
     return [final[r] for r in ids]
 
+  def precompile(self) -> int:
+    """Compiles (by running on padding) every step program this engine's budget and
+    max_num_seqs can reach, so that serving never stalls on a compilation (as vLLM
+    captures its graphs at start-up). attention_impl "xla" only; returns how many
+    programs ran (programs are shared per process, so a second engine costs little)."""
+    return self.runner.precompile(self.max_num_batched_tokens, self.max_num_seqs)
+
   # ------------------------------------------------------------------ stats
   @property
   def num_compilations(self) -> int:

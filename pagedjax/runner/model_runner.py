@@ -143,6 +143,9 @@ class ModelRunner:
   def execute(self, so):
     """Runs one scheduled step; returns (tokens, logprobs, top_ids, top_logprobs) numpy."""
     batch, samp, key = self.prepare(so)
+    return self._run(batch, samp, key)
+
+  def _run(self, batch, samp, key):
     if key not in self.programs:
       self.programs[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                         (batch, samp))
@@ -197,7 +200,9 @@ class ModelRunner:
 
     pre = np.flatnonzero(lens > 1)
     per_seq = ceil_div(lens[pre], TILE_SIZE)  # tiles per prefill sequence (numpy ints)
-    np_ = next_power_of_two(int(per_seq.sum())) if len(pre) else 0
+    # At least t_cap / TILE_SIZE tiles: the usual count for that many tokens, so a token
+    # bucket rarely needs a second tile bucket (fewer programs under varying load).
+    np_ = (max(next_power_of_two(int(per_seq.sum())), t_cap // TILE_SIZE) if len(pre) else 0)
     tile_seq = np.repeat(pre, per_seq)  # [tiles]
     first_tile = np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
     offset = (np.arange(len(tile_seq)) - first_tile) * TILE_SIZE  # first query of the tile
@@ -263,6 +268,57 @@ class ModelRunner:
     samp = step_lib.SamplingBatch(row_index, seeds, sample_indices, out_positions, temperature,
                                   top_k, top_p, banned)
     return samp, logits_index, r_cap
+
+  @staticmethod
+  def serving_program_keys(max_num_batched_tokens: int, max_num_seqs: int) -> list[tuple]:
+    """The xla step programs (t_cap, r_cap, decode rows, tiles) a serving run reaches:
+    token buckets 8..pow2(budget), sample-row buckets 1..pow2(max_num_seqs) (at most one
+    row per token), each decode-only, prefill-only and mixed, with the usual tile count
+    t_cap / TILE_SIZE and twice it (chunks of several prompts in one step). A step with
+    even more tiles (many short prompts at once) is rare and compiles when it comes."""
+    keys = []
+    t_max = next_power_of_two(max_num_batched_tokens, _MIN_TOKEN_BUCKET)
+    r_max = next_power_of_two(max_num_seqs)
+    t_cap = _MIN_TOKEN_BUCKET
+    while t_cap <= t_max:
+      r_cap = 1
+      while r_cap <= min(r_max, t_cap):
+        keys.append((t_cap, r_cap, r_cap, 0))
+        tiles = max(1, t_cap // TILE_SIZE)
+        for np_ in (tiles, 2 * tiles):
+          keys += [(t_cap, r_cap, 0, np_), (t_cap, r_cap, r_cap, np_)]
+        r_cap *= 2
+      t_cap *= 2
+    return keys
+
+  def precompile(self, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+    """Runs every program of `serving_program_keys` once on all-padding inputs (nothing
+    is written: every slot is -1), so no step compiles while requests wait. Returns the
+    number of programs that were new to this runner."""
+    if self.impl != "xla":
+      raise ValueError(f"precompile supports attention_impl='xla', not {self.impl!r}")
+    p = self.max_blocks_per_seq
+    before = len(self.programs)
+    for key in self.serving_program_keys(max_num_batched_tokens, max_num_seqs):
+      if key in self.programs:
+        continue
+      t_cap, r_cap, sd, np_ = key
+      meta = AttentionMetadata(
+          decode_token_index=np.full(sd, t_cap, np.int32),
+          decode_block_tables=np.zeros((sd, p), np.int32),
+          decode_positions=np.full(sd, -1, np.int32),
+          tile_token_index=np.full((np_, TILE_SIZE), t_cap, np.int32),
+          tile_block_tables=np.zeros((np_, p), np.int32),
+          tile_positions=np.full((np_, TILE_SIZE), -1, np.int32))
+      zeros_t = np.zeros(t_cap, np.int32)
+      batch = step_lib.StepBatch(zeros_t, zeros_t, np.full(t_cap, -1, np.int32), meta,
+                                 np.zeros(r_cap, np.int32))
+      r0 = np.zeros(r_cap, np.int32)
+      samp = step_lib.SamplingBatch(r0, np.zeros((r_cap, 2), np.uint32), r0, r0,
+                                    np.zeros(r_cap, np.float32), r0, np.ones(r_cap, np.float32),
+                                    np.full((r_cap, MAX_BANNED), -1, np.int32))
+      self._run(batch, samp, key)
+    return len(self.programs) - before
 
   # ---------------------------------------------------------------- checks
   def abstract_kv(self, num_blocks: int | None = None) -> kvc.KVCache:
