@@ -243,7 +243,8 @@ def _metadata(seqs, tables, impl):
   t_cap = int(cu[-1]) + 3  # a few padding rows
   runner = ModelRunner.__new__(ModelRunner)  # only the pure metadata builders are used
   if impl == "xla":
-    meta, _ = runner._tiles(lens, starts, cu, tables, t_cap)
+    r_cap = 1 << max(0, (len(seqs) - 1).bit_length())  # >= the decode rows, as in prepare
+    meta, _ = runner._tiles(lens, starts, cu, tables, t_cap, r_cap)
   else:
     meta, _ = runner._ragged(lens, starts, cu, tables)
   return jax.tree.map(jnp.asarray, meta), t_cap

@@ -143,7 +143,7 @@ def test_pool_scaling_quick(out_dir):
 
 
 def test_serving_quick(out_dir):
-  report = serving.run(quick=True, out_dir=out_dir, num_requests=4)
+  report = serving.run(quick=True, out_dir=out_dir, num_requests=3)
   _written(out_dir, "serving", report)
   t = report["traces"]["sharegpt-like"]
   assert set(t["systems"]) == {"paged", "orca-max"}
