@@ -58,6 +58,9 @@ _CHUNK_BYTES = 1 << 20
 # Queries per prefill tile in the xla path (a chunk of q_len tokens takes
 # ceil(q_len / TILE_SIZE) tiles; each tile gathers its sequence's pages once).
 TILE_SIZE = 16
+# Groups of rows (decode rows, prefill tiles) that loop separately, each to its own
+# longest context (the host sorts rows by context). Row counts are powers of two.
+_ROW_GROUPS = 4
 
 
 @flax.struct.dataclass
@@ -118,9 +121,15 @@ def ragged_paged_attention(q, k, v, meta: AttentionMetadata, *, layer, sm_scale:
                                 meta.tile_positions)):
       if index.size == 0:
         continue
-      qt = q[jnp.minimum(index, t - 1)]  # [N, Tq, H, D]
-      o = _attention_tiles(qt, k, v, tables, pos, layer, sm_scale, geometry)
-      out = out.at[index].set(o, mode="drop")
+      # The host sorts rows by context: each group of consecutive rows runs its own loop
+      # to its own longest context, so short rows do not pay for the longest one.
+      n = index.shape[0]
+      groups = min(_ROW_GROUPS, n)
+      for lo in range(0, n, n // groups):
+        sl = slice(lo, lo + n // groups)
+        qt = q[jnp.minimum(index[sl], t - 1)]  # [n / groups, Tq, H, D]
+        o = _attention_tiles(qt, k, v, tables[sl], pos[sl], layer, sm_scale, geometry)
+        out = out.at[index[sl]].set(o, mode="drop")
     return out
   from pallas_kernels.ragged_paged_attention import ragged_paged_attention as kernel
 

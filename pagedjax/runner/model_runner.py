@@ -214,9 +214,16 @@ class ModelRunner:
     tile_pos[:len(tile_seq)] = np.where(valid, starts[tile_seq][:, None] + j, -1)
     tile_tables = np.zeros((np_, tables.shape[1]), np.int32)
     tile_tables[:len(tile_seq)] = tables[tile_seq]
-    meta = AttentionMetadata(decode_token_index=dec_index, decode_block_tables=dec_tables,
-                             decode_positions=dec_pos, tile_token_index=tile_index,
-                             tile_block_tables=tile_tables, tile_positions=tile_pos)
+    # Rows sorted by context (padding first): attention splits each kind into groups of
+    # consecutive rows that loop only as far as their own longest context.
+    d_order = np.argsort(dec_pos, kind="stable")
+    t_order = np.argsort(tile_pos.max(1), kind="stable")
+    meta = AttentionMetadata(decode_token_index=dec_index[d_order],
+                             decode_block_tables=dec_tables[d_order],
+                             decode_positions=dec_pos[d_order],
+                             tile_token_index=tile_index[t_order],
+                             tile_block_tables=tile_tables[t_order],
+                             tile_positions=tile_pos[t_order])
     return meta, (sd, np_)
 
   def _ragged(self, lens, starts, cu, tables):
