@@ -63,13 +63,27 @@ def machine_info() -> dict:
   return info
 
 
+def median_time(fn, *args, reps: int) -> float:
+  """Median wall time of `fn(*args)` (synchronised) over `reps` calls, after a warm call."""
+  import time
+
+  import jax
+  import numpy as np
+
+  jax.block_until_ready(fn(*args))  # compile + warm
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
 def matmul_rate(reps: int, shape: tuple[int, int, int] = (256, 256, 704)) -> dict:
   """Median float32 GFLOP/s of a jitted [m, k] x [k, n] product on this machine, now.
 
   The yardstick for engine figures measured in the same run (the machine is shared).
   """
-  import time
-
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -77,14 +91,7 @@ def matmul_rate(reps: int, shape: tuple[int, int, int] = (256, 256, 704)) -> dic
   m, k, n = shape
   a = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), jnp.float32)
   b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.float32)
-  f = jax.jit(jnp.matmul)
-  jax.block_until_ready(f(a, b))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(f(a, b))
-    times.append(time.perf_counter() - start)
-  t = float(np.median(times))
+  t = median_time(jax.jit(jnp.matmul), a, b, reps=reps)
   return {"shape": f"{m}x{k}x{n}", "median_s": t, "gflops": 2 * m * k * n / t / 1e9}
 
 

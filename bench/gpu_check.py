@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bench import common
 
 
 def _write(out_dir: pathlib.Path, name: str, doc: dict) -> None:
@@ -74,16 +75,6 @@ def exactness(out_dir: pathlib.Path) -> int:
   return 1 if failures else 0
 
 
-def _median(fn, *args, reps: int = 50) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def bandwidth(out_dir: pathlib.Path) -> int:
   from pallas_kernels.paged_attention import paged_attention
   from pallas_kernels.ragged_paged_attention import ragged_paged_attention
@@ -102,13 +93,13 @@ def bandwidth(out_dir: pathlib.Path) -> int:
       q = jnp.asarray(rng.standard_normal((seqs, h, d)), dtype)
       kv_bytes = 2 * k.nbytes
       decode = jax.jit(lambda q, k, v, t, ln: paged_attention(q, k, v, t, ln, sm_scale=d**-0.5))
-      t_dec = _median(decode, q, k, v, tables, lens)
+      t_dec = common.median_time(decode, q, k, v, tables, lens, reps=50)
       cu = jnp.arange(seqs + 1, dtype=jnp.int32)
       ragged = jax.jit(lambda q, k, v, ln, t, cu: ragged_paged_attention(
           q, k, v, ln, t, cu, jnp.asarray([seqs], jnp.int32), sm_scale=d**-0.5))
-      t_rag = _median(ragged, q, k, v, lens, tables, cu)
+      t_rag = common.median_time(ragged, q, k, v, lens, tables, cu, reps=50)
       copy = jax.jit(lambda k, v: (k + 0, v + 0))  # reads and writes the same bytes
-      t_copy = _median(copy, k, v)
+      t_copy = common.median_time(copy, k, v, reps=50)
       row = {"dtype": jnp.dtype(dtype).name, "seqs": seqs, "context": ctx,
              "kv_gb": kv_bytes / 1e9, "decode_ms": t_dec * 1e3, "ragged_ms": t_rag * 1e3,
              "decode_gb_s": kv_bytes / t_dec / 1e9, "ragged_gb_s": kv_bytes / t_rag / 1e9,

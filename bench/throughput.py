@@ -64,16 +64,6 @@ GOAL_ROOFLINE = 0.5
 BLOCK_SIZE = 16
 
 
-def _median_time(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def machine_info() -> dict:
   return {
     "platform": platform.platform(),
@@ -303,13 +293,13 @@ def _component_times(llm: LLM, batch, samp, reps: int) -> dict:
   kv_new = jnp.zeros((t, cfg.num_kv_heads, cfg.head_dim), runner.dtype)
   r = samp.row_index.shape[0]
   logits = jnp.zeros((r, cfg.vocab_size), jnp.float32)
-  out = {"full_step": _median_time(full, batch, samp, reps=reps)}
+  out = {"full_step": common.median_time(full, batch, samp, reps=reps)}
   pages = [kv[0].k_pages, kv[0].v_pages]
-  out["matmuls"] = _median_time(matmuls, params, x, jnp.asarray(batch.positions)[None],
+  out["matmuls"] = common.median_time(matmuls, params, x, jnp.asarray(batch.positions)[None],
                                 reps=reps)
-  out["paged_attention"] = _median_time(attention, q, *pages, batch.attn, reps=reps)
-  out["kv_write"] = _median_time(write, kv_new, jnp.asarray(batch.slot_mapping), reps=reps)
-  out["sampling"] = _median_time(sample, logits, samp, reps=reps)
+  out["paged_attention"] = common.median_time(attention, q, *pages, batch.attn, reps=reps)
+  out["kv_write"] = common.median_time(write, kv_new, jnp.asarray(batch.slot_mapping), reps=reps)
+  out["sampling"] = common.median_time(sample, logits, samp, reps=reps)
   runner.kv = kv[0].replace(k_pages=pages[0], v_pages=pages[1])
   return out
 

@@ -182,13 +182,8 @@ def _is_power_of_two(n: int) -> bool:
   return n >= 1 and n & (n - 1) == 0
 
 
-def _check_inputs(q, k_pages, v_pages, block_tables, lengths):
-  """Raises ValueError on inconsistent ranks, shapes or dtypes."""
-  if q.ndim != 3:
-    raise ValueError(f"q must be [batch, num_heads, head_dim], got shape {q.shape}")
-  if k_pages.ndim != 4:
-    raise ValueError("k_pages must be [num_kv_heads, num_pages, page_size, head_dim],"
-                     f" got shape {k_pages.shape}")
+def check_pages_and_dtypes(q, k_pages, v_pages) -> None:
+  """The checks both paged kernels share: K and V pages alike, one supported dtype."""
   if v_pages.shape != k_pages.shape:
     raise ValueError(f"k_pages and v_pages shapes differ: {k_pages.shape} vs"
                      f" {v_pages.shape}")
@@ -197,6 +192,16 @@ def _check_inputs(q, k_pages, v_pages, block_tables, lengths):
                      f" {v_pages.dtype}")
   if q.dtype not in _SUPPORTED_DTYPES:
     raise ValueError(f"dtype must be float32, bfloat16 or float16, got {q.dtype}")
+
+
+def _check_inputs(q, k_pages, v_pages, block_tables, lengths):
+  """Raises ValueError on inconsistent ranks, shapes or dtypes."""
+  if q.ndim != 3:
+    raise ValueError(f"q must be [batch, num_heads, head_dim], got shape {q.shape}")
+  if k_pages.ndim != 4:
+    raise ValueError("k_pages must be [num_kv_heads, num_pages, page_size, head_dim],"
+                     f" got shape {k_pages.shape}")
+  check_pages_and_dtypes(q, k_pages, v_pages)
   batch, num_heads, head_dim = q.shape
   num_kv_heads, num_pages, _, page_head_dim = k_pages.shape
   if num_pages < 1:

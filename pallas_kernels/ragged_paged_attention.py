@@ -49,6 +49,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from pallas_kernels.paged_attention import check_pages_and_dtypes
+
 # tl.dot needs every matrix dimension >= 16.
 MIN_DOT_DIM = 16
 # Rows (query tokens x padded GQA group) per program when block_q is not given: the
@@ -60,7 +62,6 @@ DEFAULT_BLOCK_K = 64
 # Initial running max: finite, so exp(m_old - m_new) is 0, never NaN, even when no
 # key has been seen yet (empty rows, length 0).
 _M_INIT = float(jnp.finfo(jnp.float32).min)
-_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def ragged_paged_attention_kernel(
@@ -247,14 +248,7 @@ def _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seq
   if layer is not None and k_pages.ndim != 5:
     raise ValueError("with layer=, k_pages must be [num_layers, num_kv_heads,"
                      f" num_pages, page_size, head_dim], got shape {k_pages.shape}")
-  if v_pages.shape != k_pages.shape:
-    raise ValueError(f"k_pages and v_pages shapes differ: {k_pages.shape} vs"
-                     f" {v_pages.shape}")
-  if not q.dtype == k_pages.dtype == v_pages.dtype:
-    raise ValueError(f"q, k_pages, v_pages dtypes differ: {q.dtype}, {k_pages.dtype},"
-                     f" {v_pages.dtype}")
-  if q.dtype not in _SUPPORTED_DTYPES:
-    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {q.dtype}")
+  check_pages_and_dtypes(q, k_pages, v_pages)
   num_tokens, num_heads, head_dim = q.shape
   num_kv_heads, num_pages, _, page_head_dim = k_pages.shape[-4:]
   if num_tokens < 1:
