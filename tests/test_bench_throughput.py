@@ -90,6 +90,8 @@ def test_quick_run_writes_sane_json_only_under_tmp(tmp_path, monkeypatch):
   assert 0 <= doc["greedy_agreement_engine_vs_contiguous"] <= 1
   steady = doc["steady_decode"]
   assert steady["model_gflops"] > 0 and steady["fraction_of_matmul_rate"] > 0
+  assert steady["fraction_of_matmul_rate_at_step_shape"] > 0
+  assert doc["prefill"]["tokens"] == 64 and doc["prefill"]["fraction_of_matmul_rate_at_step_shape"] > 0
   assert steady["step_split_s"]["device_step_synced"] > 0
   assert doc["matmul_rate"]["256x256x704"]["gflops"] > 0
   assert doc["notes"]

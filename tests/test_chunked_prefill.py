@@ -120,7 +120,7 @@ def test_serving_program_keys_cover_a_varied_run():
   """A long run compiles a bounded set of programs, known in advance, and nothing new
   when the same traffic comes again."""
   llm = LLM(num_blocks=128, max_num_batched_tokens=64, max_num_seqs=4)
-  keys = set(llm.runner.serving_program_keys(64, 4))
+  keys = set(llm.runner.serving_program_keys(64))
   rng = np.random.default_rng(1)
   prompts = [rng.integers(0, 256, size=n).tolist() for n in (3, 40, 90, 17, 5, 33, 2)]
 
@@ -143,7 +143,7 @@ def test_serving_program_keys_cover_a_varied_run():
 def test_precompile_runs_the_programs_and_writes_nothing():
   llm = LLM(num_blocks=64, block_size=8, max_num_batched_tokens=8, max_num_seqs=1)
   before = np.asarray(llm.runner.kv.k_pages).copy()
-  assert llm.precompile() == len(llm.runner.serving_program_keys(8, 1)) == 5
+  assert llm.precompile() == len(llm.runner.serving_program_keys(8)) == 5
   np.testing.assert_array_equal(np.asarray(llm.runner.kv.k_pages), before)  # padding only
   assert llm.precompile() == 0
   out = llm.generate([[5, 6, 7], list(range(1, 20))], SamplingParams(max_tokens=4,

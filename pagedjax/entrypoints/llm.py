@@ -137,7 +137,7 @@ class LLM:
                                enable_chunked_prefill=enable_chunked_prefill,
                                reservation=kv_reservation)
     self.runner = ModelRunner(module, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
-                              **self.runner_kwargs)
+                              max_num_seqs=self.max_num_seqs, **self.runner_kwargs)
     self._request_counter = itertools.count()
     self._arrivals = itertools.count()
     self._seed_rng = np.random.default_rng(seed)
@@ -521,7 +521,7 @@ class LLM:
     max_num_seqs can reach, so that serving never stalls on a compilation (as vLLM
     captures its graphs at start-up). attention_impl "xla" only; returns how many
     programs ran (programs are shared per process, so a second engine costs little)."""
-    return self.runner.precompile(self.max_num_batched_tokens, self.max_num_seqs)
+    return self.runner.precompile(self.max_num_batched_tokens)
 
   # ------------------------------------------------------------------ stats
   @property

@@ -68,15 +68,19 @@ class ModelRunner:
     dtype: KV and compute dtype.
     attention_impl: "xla", "pallas" or "pallas_interpret".
     vocab_size: the tokenizer's vocabulary (ids beyond it are never sampled).
+    max_num_seqs: most sample rows in a step (sets the sample-row bucket of steps with
+      prefill chunks, see `prepare`).
   """
 
   def __init__(self, module, *, num_blocks: int, block_size: int, num_host_blocks: int,
-               max_model_len: int, dtype, attention_impl: str, vocab_size: int):
+               max_model_len: int, dtype, attention_impl: str, vocab_size: int,
+               max_num_seqs: int = 64):
     if attention_impl not in IMPLS:
       raise ValueError(f"attention_impl must be one of {IMPLS}, got {attention_impl!r}")
     cfg = module.cfg
     self.cfg = cfg
     self.impl = attention_impl
+    self.max_num_seqs = max_num_seqs
     self.dtype = jnp.dtype(dtype)
     self.block_size = block_size
     self.vocab_size = vocab_size
@@ -153,6 +157,17 @@ class ModelRunner:
                                  impl=self.impl, vocab_size=self.vocab_size)
     return jax.device_get(out)
 
+  def _row_bucket(self, num_rows: int, t_cap: int, prefill: bool) -> int:
+    """Sample-row bucket. Decode-only steps: the next power of two of the rows (the
+    LM head and sampler run on exactly that many). Steps with prefill chunks: at least
+    min(t_cap, pow2(max_num_seqs)), so that such steps are keyed by their token bucket
+    alone and a serving run compiles a few dozen programs, not hundreds (the extra rows
+    cost little next to t_cap tokens of matmuls)."""
+    r_cap = next_power_of_two(num_rows)
+    if prefill:
+      r_cap = max(r_cap, min(t_cap, next_power_of_two(self.max_num_seqs)))
+    return r_cap
+
   def prepare(self, so) -> tuple[step_lib.StepBatch, step_lib.SamplingBatch, tuple]:
     """Packs a scheduled step into bucketed numpy arrays; returns them and the program key."""
     seqs = so.seqs
@@ -176,7 +191,9 @@ class ModelRunner:
     slots = np.full(t_cap, -1, np.int32)
     slots[:num_tokens] = tables[seq_of_token, pos // bs] * bs + pos % bs
 
-    samp, logits_index, r_cap = self._sampling(seqs, cu)
+    r_cap = self._row_bucket(sum(len(s.sample_indices) for s in seqs), t_cap,
+                             bool((lens > 1).any()))
+    samp, logits_index = self._sampling(seqs, cu, r_cap)
     attn, attn_key = (self._tiles(lens, starts, cu, tables, t_cap, r_cap) if self.impl == "xla"
                       else self._ragged(lens, starts, cu, tables))
     batch = step_lib.StepBatch(tokens, positions, slots, attn, logits_index)
@@ -240,11 +257,10 @@ class ModelRunner:
                              num_seqs=np.asarray([n], np.int32))
     return meta, (s_cap,)
 
-  def _sampling(self, seqs, cu):
+  def _sampling(self, seqs, cu, r_cap: int):
     """SamplingBatch and logits rows: one logits row per sampling sequence, one sample
-    row per (sequence, sample index)."""
+    row per (sequence, sample index), padded to r_cap rows."""
     rows = [(i, s, j) for i, s in enumerate(seqs) for j in s.sample_indices]
-    r_cap = next_power_of_two(len(rows))
     logits_index = np.zeros(r_cap, np.int32)
     row_index = np.zeros(r_cap, np.int32)
     seeds = np.zeros((r_cap, 2), np.uint32)
@@ -274,31 +290,33 @@ class ModelRunner:
         banned[r, :len(d.banned_ids)] = d.banned_ids
     samp = step_lib.SamplingBatch(row_index, seeds, sample_indices, out_positions, temperature,
                                   top_k, top_p, banned)
-    return samp, logits_index, r_cap
+    return samp, logits_index
 
-  @staticmethod
-  def serving_program_keys(max_num_batched_tokens: int, max_num_seqs: int) -> list[tuple]:
+  def serving_program_keys(self, max_num_batched_tokens: int) -> list[tuple]:
     """The xla step programs (t_cap, r_cap, decode rows, tiles) a serving run reaches:
-    token buckets 8..pow2(budget), sample-row buckets 1..pow2(max_num_seqs) (at most one
-    row per token), each decode-only, prefill-only and mixed, with the usual tile count
+    decode-only steps for each sample-row bucket 1..pow2(max_num_seqs); for each token
+    bucket 8..pow2(budget), prefill-only and mixed steps with the usual tile count
     t_cap / TILE_SIZE and twice it (chunks of several prompts in one step). A step with
-    even more tiles (many short prompts at once) is rare and compiles when it comes."""
+    even more tiles or rows (many short prompts at once) is rare and compiles when it
+    comes."""
     keys = []
     t_max = next_power_of_two(max_num_batched_tokens, _MIN_TOKEN_BUCKET)
-    r_max = next_power_of_two(max_num_seqs)
+    r = 1
+    while r <= next_power_of_two(self.max_num_seqs):
+      t_cap = next_power_of_two(r, _MIN_TOKEN_BUCKET)
+      if t_cap <= t_max:
+        keys.append((t_cap, r, r, 0))
+      r *= 2
     t_cap = _MIN_TOKEN_BUCKET
     while t_cap <= t_max:
-      r_cap = 1
-      while r_cap <= min(r_max, t_cap):
-        keys.append((t_cap, r_cap, r_cap, 0))
-        tiles = max(1, t_cap // TILE_SIZE)
-        for np_ in (tiles, 2 * tiles):
-          keys += [(t_cap, r_cap, 0, np_), (t_cap, r_cap, r_cap, np_)]
-        r_cap *= 2
+      r_cap = self._row_bucket(1, t_cap, True)
+      tiles = max(1, t_cap // TILE_SIZE)
+      for np_ in (tiles, 2 * tiles):
+        keys += [(t_cap, r_cap, 0, np_), (t_cap, r_cap, r_cap, np_)]
       t_cap *= 2
     return keys
 
-  def precompile(self, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+  def precompile(self, max_num_batched_tokens: int) -> int:
     """Runs every program of `serving_program_keys` once on all-padding inputs (nothing
     is written: every slot is -1), so no step compiles while requests wait. Returns the
     number of programs that were new to this runner."""
@@ -306,7 +324,7 @@ class ModelRunner:
       raise ValueError(f"precompile supports attention_impl='xla', not {self.impl!r}")
     p = self.max_blocks_per_seq
     before = len(self.programs)
-    for key in self.serving_program_keys(max_num_batched_tokens, max_num_seqs):
+    for key in self.serving_program_keys(max_num_batched_tokens):
       if key in self.programs:
         continue
       t_cap, r_cap, sd, np_ = key
