@@ -528,7 +528,7 @@ def main(argv=None) -> dict:
   at_shape = common.matmul_rate(3 if q else 30, (steady["batch"], cfg.dim, cfg.hidden_dim))
   steady["matmul_rate_at_step_shape"] = at_shape
   steady["fraction_of_matmul_rate_at_step_shape"] = steady["model_gflops"] / at_shape["gflops"]
-  prefill = prefill_rate(cfg, tokens=64 if q else 512, reps=2 if q else 10)
+  prefill = prefill_rate(cfg, tokens=64 if q else 256, reps=2 if q else 10)
   prefill_shape = common.matmul_rate(3 if q else 30, (prefill["tokens"], cfg.dim, cfg.hidden_dim))
   prefill["matmul_rate_at_step_shape"] = prefill_shape
   prefill["fraction_of_matmul_rate_at_step_shape"] = prefill["model_gflops"] / prefill_shape["gflops"]
