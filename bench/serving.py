@@ -138,7 +138,7 @@ def run(quick: bool = False, out_dir=None, *, num_requests: int | None = None,
   """Runs the rate sweep for every system and trace; writes serving.json / .png.
 
   Args:
-    quick: a smoke run (few requests, two rates, two systems, one trace).
+    quick: a smoke run (few requests, one rate, two systems, one trace).
     out_dir: output folder (None: bench/results, or bench/results/tmp when quick).
     num_requests: requests per trace (None: 48; quick: 6).
     seed: trace and arrival seed.
@@ -147,7 +147,7 @@ def run(quick: bool = False, out_dir=None, *, num_requests: int | None = None,
   num_blocks, max_num_seqs, budget = (64, 4, 64) if quick else (160, 32, 256)
   systems = {k: SYSTEMS[k] for k in (["paged", "orca-max"] if quick else SYSTEMS)}
   trace_names = ["sharegpt-like"] if quick else ["sharegpt-like", "alpaca-like"]
-  fractions = [0.5, 1.5] if quick else [0.25, 0.5, 0.75, 1.0, 1.5]
+  fractions = [1.5] if quick else [0.25, 0.5, 0.75, 1.0, 1.5]
   max_seq_len = checkpoint.load(None)[0].max_seq_len
   report = {"benchmark": NAME, "command": "python -m bench.serving" + (" --quick" if quick else ""),
             "inputs": {"num_requests": n, "num_blocks": num_blocks, "block_size": BLOCK_SIZE,
