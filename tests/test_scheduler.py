@@ -256,3 +256,29 @@ def test_reservation_policies_admit_by_reserved_blocks_and_never_preempt(policy,
   with pytest.raises(ValueError, match="reservation"):
     Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=512,
               reservation="half")
+
+
+def test_recomputed_forked_group_that_becomes_decode_ready_stays_within_the_budget():
+  """Found by the liveness property: a recomputed n=2 group whose second sequence re-shares
+  the prompt became decode-ready inside schedule() after decodes were counted, and its two
+  decodes went past max_num_batched_tokens."""
+  reqs = [(0, _group(i, 1, max_tokens=1, temperature=0.0, ignore_eos=False)) for i in range(5)]
+  reqs += [(1, _group(5, 1, max_tokens=13, use_beam_search=True, beam_width=2, n=1,
+                      temperature=0.0)),
+           (1, _group(6, 36, max_tokens=2, n=2, temperature=1.0)),
+           (0, _group(7, 1, max_tokens=9, temperature=0.0, ignore_eos=False))]
+  need = max(max_blocks_needed(len(g.prompt_token_ids), g.params.max_tokens, g.width,
+                               block_size=4, max_model_len=512) for _, g in reqs)
+  bm, s = _make(num_blocks=need + 2, block_size=4, host=0, max_num_seqs=7, budget=7)
+  pending = sorted(reqs, key=lambda x: x[0])
+  step = 0
+  while pending or s.has_unfinished():
+    while pending and pending[0][0] <= step:
+      s.add(pending.pop(0)[1])
+    if s.has_unfinished():
+      out = s.schedule()
+      assert out.num_batched_tokens <= 7, (step, out)
+      s.update_from_output(out, _fake_result(out), on_error=lambda g, e: pytest.fail(repr(e)))
+    step += 1
+    assert step < 500
+  assert bm.num_free_blocks == bm.num_blocks

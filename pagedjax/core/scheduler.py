@@ -222,6 +222,8 @@ class Scheduler:
   # ------------------------------------------------------------- scheduling
   def schedule(self) -> SchedulerOutput:
     out = SchedulerOutput()
+    for group in self.running:  # before counting decodes: this can make a group decode-ready
+      self._fork_waiting_prefixes(group)
     decode_tokens = sum(len(g.live_seqs) for g in self.running if g.is_decode_ready())
     budget = self.max_num_batched_tokens - decode_tokens  # what prefill chunks may use
     queue = list(self.running)
@@ -230,7 +232,6 @@ class Scheduler:
     decodes: list[ScheduledSeq] = []
     while queue:
       group = queue.pop(0)
-      self._fork_waiting_prefixes(group)
       if group.is_decode_ready():
         plan = [(s, 1) for s in group.live_seqs]
       else:
