@@ -152,7 +152,7 @@ def test_serving_quick(out_dir):
     for r in rows:
       assert r["normalized_latency_s"] > 0 and r["ttft_s_p50"] <= r["ttft_s_p99"]
       assert r["itl_s_p50"] <= r["itl_s_p99"] and r["num_preemptions"] >= 0
-  assert t["threshold_s"] > 0 and set(t["chunked_prefill_at_highest_rate"]) == {"on", "off"}
+  assert t["threshold_s"] > 0 and set(t["chunked_prefill_at_highest_rate"]) == {"on"}
   assert t["systems"]["orca-max"][0]["num_preemptions"] == 0  # reservation never preempts
 
 

@@ -64,23 +64,6 @@ def test_output_does_not_depend_on_batch(llm, temperature):
   assert batched == alone
 
 
-def test_preemption_does_not_change_outputs():
-  params = [SamplingParams(max_tokens=40, temperature=0.8, seed=i, ignore_eos=True)
-            for i in range(6)]
-  prompts = [p[:40] for p in PROMPTS] + ["x"]
-  ample = LLM(num_blocks=256, block_size=16, max_num_seqs=8)
-  ref = _tokens(ample.generate(prompts, params))
-  for mode in ("recompute", "swap"):
-    tight = LLM(num_blocks=10, block_size=16, max_num_seqs=8, preemption_mode=mode)
-    assert _tokens(tight.generate(prompts, params)) == ref, mode
-    stats = tight.memory_stats()
-    assert stats["num_preemptions"] > 0, stats
-    if mode == "swap":
-      assert stats["num_preemptions_swap"] > 0 and stats["num_blocks_swapped_in"] > 0
-    assert stats["num_free_blocks"] == stats["num_blocks"]
-    assert stats["free_host_blocks"] == stats["total_host_blocks"]
-
-
 def test_stop_conditions(llm):
   base = llm.generate("The Python ", SamplingParams(max_tokens=20, temperature=0.0))[0].outputs[0]
   text = base.text

@@ -39,10 +39,11 @@ def served(request):
             num_host_blocks=64, preemption_mode="swap")
   greedy = SamplingParams(max_tokens=3, temperature=0.0)
   llm.generate(["def "], greedy)  # batch-1 prefill + decode
-  llm.generate(["def ", "The Python "], greedy)  # batch 2
-  # A prompt over the 64-token budget: chunks, mixed with the other request's decodes.
-  llm.generate(["A ", "The try statement " * 8], SamplingParams(max_tokens=6, temperature=0.0))
   if request.param == "float32":  # bfloat16 changes the pool's storage, not the programs' kinds
+    llm.generate(["def ", "The Python "], greedy)  # batch 2
+    # A prompt over the 64-token budget: chunks, mixed with the other request's decodes.
+    llm.generate(["A ", "The try statement " * 8], SamplingParams(max_tokens=6,
+                                                                temperature=0.0))
     llm.generate(["A class "], SamplingParams(n=2, temperature=0.8, seed=1, max_tokens=4))
     llm.generate(["def "], SamplingParams(use_beam_search=True, beam_width=2, temperature=0.0,
                                           max_tokens=3))
@@ -77,6 +78,8 @@ def _check(compiled_small, compiled_large, pool_small: int, pool_large: int, wha
 
 
 def test_engine_compiled_every_kind_of_step(served):
+  if served.runner.dtype != jnp.float32:
+    pytest.skip("the bfloat16 engine serves one request: the storage is what it checks")
   keys = list(served.runner.programs)
   # (T, R, decode rows, prefill tiles): decode-only batch 1 and 2, prefill-only, mixed.
   assert any(k[2] == 1 and k[3] == 0 for k in keys), keys
@@ -96,7 +99,7 @@ def test_no_step_program_copies_the_pool(served):
   pool = LARGE * per_page  # one page array (K or V), all layers
   layer = pool // geometry.num_layers
   large = dict(runner.compiled_programs(LARGE))
-  assert len(large) >= 4
+  assert len(large) >= (4 if runner.dtype == jnp.float32 else 2)
   for key, compiled in large.items():
     m = compiled.memory_analysis()
     assert m.alias_size_in_bytes >= 2 * pool, f"step program {key}: pool not updated in place"
