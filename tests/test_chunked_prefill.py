@@ -120,12 +120,12 @@ def test_serving_program_keys_cover_a_varied_run():
   llm = LLM(num_blocks=128, max_num_batched_tokens=64, max_num_seqs=4)
   keys = set(llm.runner.serving_program_keys(64))
   rng = np.random.default_rng(1)
-  prompts = [rng.integers(0, 256, size=n).tolist() for n in (3, 40, 90, 17, 5, 33, 2)]
+  prompts = [rng.integers(0, 256, size=n).tolist() for n in (3, 40, 90, 5, 33)]
 
   def serve():
     outs = {}
     for p in prompts:  # staggered arrivals: chunks of different prompts mix with decodes
-      llm.add_request(None, p, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+      llm.add_request(None, p, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
       outs.update({o.request_id: o.outputs[0].token_ids for o in llm.step()})
     while llm.has_unfinished_requests():
       outs.update({o.request_id: o.outputs[0].token_ids for o in llm.step()})
