@@ -382,14 +382,24 @@ def paged_attention_reference(
     return x.reshape(num_kv_heads, batch, seq_len, head_dim).swapaxes(0, 1)
 
   valid = jnp.arange(seq_len)[None, :] < lengths[:, None]  # [B, T]
-  k = jnp.where(valid[:, None, :, None], gather(k_pages), 0.0)
-  v = jnp.where(valid[:, None, :, None], gather(v_pages), 0.0)
-  qg = q.reshape(batch, num_kv_heads, group, head_dim).astype(jnp.float32)
-  s = jnp.einsum("bkgd,bktd->bkgt", qg, k, precision=lax.Precision.HIGHEST) * sm_scale
-  s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+  return masked_attention(q, gather(k_pages), gather(v_pages), valid, sm_scale)
+
+
+def masked_attention(q, k, v, visible, sm_scale):
+  """The reference core both kernels share: q [N, H, D] (N rows: sequences or query
+  tokens), k / v [N, Hkv, S, D] float32 (each row's gathered context), visible bool
+  [N, S]. Masked keys and values are zeroed before any product (stale or NaN pages
+  never leak); a row that sees nothing gives zeros. Returns [N, H, D] in q.dtype."""
+  n, num_heads, head_dim = q.shape
+  num_kv_heads = k.shape[1]
+  k = jnp.where(visible[:, None, :, None], k, 0.0)
+  v = jnp.where(visible[:, None, :, None], v, 0.0)
+  qg = q.reshape(n, num_kv_heads, num_heads // num_kv_heads, head_dim).astype(jnp.float32)
+  s = jnp.einsum("nkgd,nksd->nkgs", qg, k, precision=lax.Precision.HIGHEST) * sm_scale
+  s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))  # [B, Hkv, G, T]
+  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))  # [N, Hkv, G, S]
   l = p.sum(axis=-1, keepdims=True)
-  o = jnp.einsum("bkgt,bktd->bkgd", p, v, precision=lax.Precision.HIGHEST)
+  o = jnp.einsum("nkgs,nksd->nkgd", p, v, precision=lax.Precision.HIGHEST)
   o = o / jnp.where(l > 0, l, 1.0)
   return o.reshape(q.shape).astype(q.dtype)

@@ -49,7 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.paged_attention import check_pages_and_dtypes
+from pallas_kernels.paged_attention import check_pages_and_dtypes, masked_attention
 
 # tl.dot needs every matrix dimension >= 16.
 MIN_DOT_DIM = 16
@@ -476,14 +476,4 @@ def ragged_paged_attention_reference(
   k_pos = jnp.arange(seq_len)
   visible = (owned[:, None] & (k_pos[None, :] <= q_pos[:, None])
              & (k_pos[None, :] < kv_len[:, None]))  # [T, seq_len]
-  k = jnp.where(visible[:, None, :, None], gather(k_pages), 0.0)
-  v = jnp.where(visible[:, None, :, None], gather(v_pages), 0.0)
-  qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
-  s = jnp.einsum("tkgd,tksd->tkgs", qg, k, precision=lax.Precision.HIGHEST) * sm_scale
-  s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))  # [T, Hkv, G, seq_len]
-  l = p.sum(axis=-1, keepdims=True)
-  o = jnp.einsum("tkgs,tksd->tkgd", p, v, precision=lax.Precision.HIGHEST)
-  o = o / jnp.where(l > 0, l, 1.0)
-  return o.reshape(q.shape).astype(q.dtype)
+  return masked_attention(q, gather(k_pages), gather(v_pages), visible, sm_scale)
