@@ -223,18 +223,24 @@ def _check_inputs(q, k_pages, v_pages, block_tables, lengths):
                      f"{list(lengths.shape)}")
 
 
-def _check_tiling(head_dim, page_size, pages_per_compute_block, k_splits):
-  """Raises ValueError on tiles the Triton lowering cannot take.
-
-  Triton tensors must have power-of-two sizes and tl.dot dimensions must be >= 16;
-  without this check these surface as lowering errors from deep inside Pallas.
-  """
+def check_triton_head_and_page(head_dim: int, page_size: int) -> None:
+  """The tile checks both paged kernels share: power-of-two head_dim >= MIN_DOT_DIM
+  (tl.dot) and power-of-two page_size (Triton tensor sizes)."""
   if not _is_power_of_two(head_dim) or head_dim < MIN_DOT_DIM:
     raise ValueError(f"head_dim must be a power of two >= {MIN_DOT_DIM} for the Triton"
                      f" backend, got {head_dim}")
   if not _is_power_of_two(page_size):
     raise ValueError(f"page_size must be a power of two for the Triton backend, got"
                      f" {page_size}")
+
+
+def _check_tiling(head_dim, page_size, pages_per_compute_block, k_splits):
+  """Raises ValueError on tiles the Triton lowering cannot take.
+
+  Triton tensors must have power-of-two sizes and tl.dot dimensions must be >= 16;
+  without this check these surface as lowering errors from deep inside Pallas.
+  """
+  check_triton_head_and_page(head_dim, page_size)
   if not _is_power_of_two(pages_per_compute_block):
     raise ValueError("pages_per_compute_block must be a power of two, got"
                      f" {pages_per_compute_block}")

@@ -49,7 +49,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.paged_attention import check_pages_and_dtypes, masked_attention
+from pallas_kernels.paged_attention import (check_pages_and_dtypes, check_triton_head_and_page,
+                                            masked_attention)
 
 # tl.dot needs every matrix dimension >= 16.
 MIN_DOT_DIM = 16
@@ -287,12 +288,7 @@ def _check_tiling(head_dim, page_size, group_pad, block_q, pages_per_compute_blo
   Triton tensors must have power-of-two sizes and tl.dot dimensions must be >= 16;
   without this check these surface as lowering errors from deep inside Pallas.
   """
-  if not _is_power_of_two(head_dim) or head_dim < MIN_DOT_DIM:
-    raise ValueError(f"head_dim must be a power of two >= {MIN_DOT_DIM} for the Triton"
-                     f" backend, got {head_dim}")
-  if not _is_power_of_two(page_size):
-    raise ValueError(f"page_size must be a power of two for the Triton backend, got"
-                     f" {page_size}")
+  check_triton_head_and_page(head_dim, page_size)
   if not _is_power_of_two(block_q):
     raise ValueError(f"block_q must be a power of two, got {block_q}")
   if block_q * group_pad < MIN_DOT_DIM:
