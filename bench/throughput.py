@@ -245,7 +245,7 @@ def _component_times(llm: LLM, batch, samp, reps: int) -> dict:
   kv = [runner.kv]
 
   def full(b, s):  # chains the donated cache through the repeats
-    kv[0], out = step_lib.step(params, kv[0], b, s, graphdef=graphdef, impl=runner.impl,
+    kv[0], out = step_lib.step(params, kv[0], b, s, graphdef=runner._static_graph, impl=runner.impl,
                                vocab_size=runner.vocab_size)
     return out
 
@@ -329,7 +329,8 @@ def prefill_rate(cfg, *, tokens: int, reps: int) -> dict:
 
 
 def steady_decode(
-  cfg, *, batch: int, decode_steps: int, seed: int, reps: int, warmup: bool
+  cfg, *, batch: int, decode_steps: int, seed: int, reps: int, warmup: bool,
+  components: bool = True,
 ) -> dict:
   """Model FLOP/s of full-batch decode steps, with a per-step time split and a device split."""
   fl = model_flops(cfg)
@@ -392,8 +393,46 @@ def steady_decode(
       - med["step"],
       "total": med["total"],
     }
-    result["device_split_s"] = _component_times(llm, captured["batch"], captured["samp"], reps)
+    if components:
+      result["device_split_s"] = _component_times(llm, captured["batch"], captured["samp"], reps)
   return result
+
+
+def end_to_end(cfg, *, num_requests: int, scale: float, seed: int, warmup: bool,
+               engine_kwargs: dict | None = None) -> dict:
+  """The ragged-step issue's trace end to end: `num_requests` sharegpt-like requests
+  (paper means x `scale`), greedy, all at t=0, `LLM()` at its defaults, timed over one
+  `generate` call after an identical warm-up run (`engine_kwargs` override the defaults:
+  --quick reuses the smoke run's programs). Model FLOPs count every token fed
+  (prompt + output - 1 per request: the last token is sampled, never fed) through the
+  matmuls and every (token, attended position) pair through attention."""
+  fl = model_flops(cfg)
+  trace = make_trace("sharegpt-like", num_requests, max_seq_len=cfg.max_seq_len, seed=seed,
+                     scale=scale)
+  params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True)
+            for o in trace.output_lens]
+  kwargs = engine_kwargs or {}
+  if warmup:
+    LLM(**kwargs).generate(trace.prompts, params)
+  llm = LLM(**kwargs)
+  start = time.perf_counter()
+  outs = llm.generate(trace.prompts, params)
+  wall = time.perf_counter() - start
+  assert [len(o.outputs[0].token_ids) for o in outs] == trace.output_lens
+  fed = [len(p) + o - 1 for p, o in zip(trace.prompts, trace.output_lens)]
+  flops = sum(fl["flops_per_token"] * n + fl["attention_flops_per_position"] * n * (n + 1) // 2
+              for n in fed)
+  st = llm.memory_stats()
+  return {
+    "num_requests": num_requests, "scale": scale, "engine_kwargs": kwargs,
+    "mean_input": float(np.mean([len(p) for p in trace.prompts])),
+    "mean_output": float(np.mean(trace.output_lens)),
+    "wall_s": wall, "num_steps": st["num_steps"],
+    "num_prefill_steps": st["num_prefill_steps"], "num_preemptions": st["num_preemptions"],
+    "device_time_s": st["device_time_s"], "step_time_s": st["step_time_s"],
+    "output_tokens_per_s": sum(trace.output_lens) / wall,
+    "model_gflops": flops / wall / 1e9,
+  }
 
 
 # -------------------------------------------------------------------------- report
@@ -528,6 +567,20 @@ def main(argv=None) -> dict:
   at_shape = common.matmul_rate(3 if q else 30, (steady["batch"], cfg.dim, cfg.hidden_dim))
   steady["matmul_rate_at_step_shape"] = at_shape
   steady["fraction_of_matmul_rate_at_step_shape"] = steady["model_gflops"] / at_shape["gflops"]
+  # Host share of a decode step at one sequence too (the issue asks for 1 and 64).
+  steady1 = steady_decode(cfg, batch=1, decode_steps=6 if q else 64, seed=args.seed + 1,
+                          reps=3 if q else 20, warmup=not q, components=False)
+  steady["host_share_by_batch"] = {
+    str(b): 1.0 - d["step_split_s"]["device_step_synced"] / d["step_split_s"]["total"]
+    for b, d in ((steady["batch"], steady), (1, steady1))}
+  steady["batch1_step_split_s"] = steady1["step_split_s"]
+  e2e = end_to_end(cfg, num_requests=2 if q else 64, scale=0.05 if q else 0.5, seed=args.seed + 2,
+                   warmup=not q, engine_kwargs=dict(num_blocks=kv_blocks, block_size=BLOCK_SIZE,
+                                                    max_num_seqs=max_num_seqs) if q else None)
+  for shape, rate in (("64x256x704", at_shape if steady["batch"] == 64 else None),
+                      ("256x256x704", None)):
+    rate = rate or common.matmul_rate(3 if q else 30, tuple(int(x) for x in shape.split("x")))
+    e2e[f"fraction_of_matmul_rate_{shape}"] = e2e["model_gflops"] / rate["gflops"]
   prefill = prefill_rate(cfg, tokens=64 if q else 256, reps=2 if q else 10)
   prefill_shape = common.matmul_rate(3 if q else 30, (prefill["tokens"], cfg.dim, cfg.hidden_dim))
   prefill["matmul_rate_at_step_shape"] = prefill_shape
@@ -584,6 +637,16 @@ def main(argv=None) -> dict:
     f"{prefill['matmul_rate_at_step_shape']['shape']}"
   )
   print(
+    f"end to end, {e2e['num_requests']} sharegpt-like requests (mean {e2e['mean_input']:.0f} in"
+    f" / {e2e['mean_output']:.0f} out), LLM({e2e['engine_kwargs'] or 'defaults'}): "
+    f"{e2e['wall_s']:.2f} s, "
+    f"{e2e['output_tokens_per_s']:.0f} out tok/s, {e2e['model_gflops']:.1f} GFLOP/s = "
+    f"{e2e['fraction_of_matmul_rate_64x256x704']:.1%} of the 64x256x704 rate, "
+    f"{e2e['fraction_of_matmul_rate_256x256x704']:.1%} of the 256x256x704 rate (goal 40%)"
+  )
+  print("host share of a decode step: " + ", ".join(
+    f"batch {b}: {v:.1%}" for b, v in steady["host_share_by_batch"].items()) + " (goal <= 10%)")
+  print(
     _table(
       [(k, f"{v * 1e3:.2f}", f"{v / split['total']:.0%}") for k, v in split.items()],
       ("step part (host view)", "ms", "share"),
@@ -639,6 +702,7 @@ def main(argv=None) -> dict:
     "matmul_rate": matmul,
     "steady_decode": steady,
     "prefill": prefill,
+    "end_to_end": e2e,
     "goal_fraction_of_matmul_rate": GOAL_ROOFLINE,
     "figure": "throughput.png",
     "notes": notes,

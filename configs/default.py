@@ -34,6 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.engine.max_num_batched_tokens = 2048
   # Split long prompts across steps; False prefills a prompt whole (<= the budget).
   config.engine.enable_chunked_prefill = True
+  # Reuse the KV of full blocks already computed for the same tokens (prefix caching).
+  config.engine.enable_prefix_caching = True
   # What to do when blocks run out: "recompute" or "swap".
   config.engine.preemption_mode = "recompute"
   # Attention path: "auto" (pallas on GPU, xla on CPU), "xla", "pallas", "pallas_interpret".

@@ -93,5 +93,10 @@ def test_quick_run_writes_sane_json_only_under_tmp(tmp_path, monkeypatch):
   assert steady["fraction_of_matmul_rate_at_step_shape"] > 0
   assert doc["prefill"]["tokens"] == 64 and doc["prefill"]["fraction_of_matmul_rate_at_step_shape"] > 0
   assert steady["step_split_s"]["device_step_synced"] > 0
+  assert set(steady["host_share_by_batch"]) == {"4", "1"}
+  assert all(0 < v < 1 for v in steady["host_share_by_batch"].values())
+  e2e = doc["end_to_end"]
+  assert e2e["num_requests"] == 2 and e2e["model_gflops"] > 0 and e2e["wall_s"] > 0
+  assert 0 < e2e["fraction_of_matmul_rate_64x256x704"] and e2e["num_steps"] >= e2e["mean_output"]
   assert doc["matmul_rate"]["256x256x704"]["gflops"] > 0
   assert doc["notes"]

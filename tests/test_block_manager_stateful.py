@@ -13,6 +13,14 @@ total; no block both free and referenced; a write never lands in a shared
 block; `can_*` agree with the acts; failed acts change nothing. Teardown frees
 everything and checks that every block is back.
 
+Half the runs turn prefix caching on: every act that fills blocks registers them
+(`cache_full_blocks`), a rule allocates new sequences from a cached prefix of an
+earlier sequence's tokens under one of a few salts, and rules reset and unregister
+the cache. A reference map (block -> salt and the whole token prefix it ends) checks
+each hit (right salt, right tokens, the longest cached run) and, through the fake pages,
+that a cached block still holds what its hash was computed over; the hash maps, the
+evictable list and the counts must agree with the reference after every step.
+
 Default: 200 runs x 50 steps; PAGEDJAX_LONG_TESTS=1: 2000 runs x 100 steps.
 """
 
@@ -23,9 +31,10 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
-                                 rule, run_state_machine_as_test)
+                                 precondition, rule, run_state_machine_as_test)
 
 from block_manager_snapshot import snapshot
+import pagedjax.core.block_manager as bm_module
 from pagedjax.core.block_manager import BlockManager, NoFreeBlocksError, SequenceStateError
 
 _LONG = os.environ.get("PAGEDJAX_LONG_TESTS") == "1"
@@ -35,9 +44,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
   @initialize(block_size=st.sampled_from([1, 2, 3, 4]), num_blocks=st.integers(1, 16),
               num_host_blocks=st.integers(0, 8),
-              prompts=st.lists(st.integers(1, 8), min_size=1, max_size=4))
-  def setup(self, block_size, num_blocks, num_host_blocks, prompts):
-    self.bm = BlockManager(num_blocks, block_size, num_host_blocks)
+              prompts=st.lists(st.integers(1, 8), min_size=1, max_size=4),
+              caching=st.booleans())
+  def setup(self, block_size, num_blocks, num_host_blocks, prompts, caching):
+    self.bm = BlockManager(num_blocks, block_size, num_host_blocks, enable_caching=caching)
+    self.caching = caching
+    self.salt: dict[int, str | None] = {}  # seq -> cache salt
+    self.content: dict[int, tuple] = {}  # cached block -> (salt, token prefix it ends)
+    self.history: list[tuple[str | None, list[int]]] = []  # (salt, tokens) seen
     self.bs = block_size
     self.tokens: dict[int, list[int]] = {}  # seq -> token values, the reference content
     self.swapped: dict[int, bool] = {}
@@ -85,6 +99,22 @@ class BlockManagerMachine(RuleBasedStateMachine):
       else:
         self.mem[dst_pool][(dst, offset)] = value
 
+  def _register(self, sid: int) -> None:
+    """What the scheduler does after each allocation: register the full blocks."""
+    if not self.caching or self.swapped[sid]:
+      return
+    self.bm.newly_cached = []
+    self.bm.cache_full_blocks(sid, lambda a, b: self.tokens[sid][a:b])
+    self._note_cached(sid)
+
+  def _note_cached(self, sid: int) -> None:
+    table = self.bm.block_table(sid)
+    for block in self.bm.newly_cached:
+      i = table.index(block)
+      self.content[block] = (self.salt[sid], tuple(self.tokens[sid][:(i + 1) * self.bs]))
+    self.bm.newly_cached = []
+    self.history.append((self.salt[sid], list(self.tokens[sid])))
+
   def _pick(self, data, *, swapped=None) -> int | None:
     """A known sequence (in the given pool), or None when there is none."""
     ids = sorted(s for s, sw in self.swapped.items() if swapped is None or sw == swapped)
@@ -105,6 +135,68 @@ class BlockManagerMachine(RuleBasedStateMachine):
     for slot, tok in zip(self.bm.slot_mapping(sid, 0, num_tokens).tolist(), toks):
       self.mem[False][divmod(slot, self.bs)] = tok
     self.tokens[sid], self.swapped[sid], self.family[sid] = toks, False, sid
+    self.salt[sid] = None
+    self._register(sid)
+
+  @precondition(lambda self: self.caching and self.history)
+  @rule(data=st.data(), num_new=st.integers(1, 4), salt=st.sampled_from([None, "a", "b"]))
+  def allocate_from_cache(self, data, num_new, salt):
+    """A new sequence starting with an earlier sequence's tokens, looked up in the cache."""
+    old_salt, old = data.draw(st.sampled_from(self.history))
+    keep = data.draw(st.one_of(st.just(len(old)), st.integers(0, len(old))))
+    salt = data.draw(st.sampled_from([old_salt, old_salt, salt]))
+    toks = old[:keep] + self._fresh_tokens(num_new)
+    max_blocks = (len(toks) - 1) // self.bs
+    hit = self.bm.lookup_prefix(toks, cache_salt=salt, max_blocks=max_blocks)
+    cached = {b: c for b, c in self.content.items() if self.bm.device_allocator.cached[b]}
+    for i, block in enumerate(hit.blocks):  # right salt and the whole prefix
+      assert cached[block] == (salt, tuple(toks[:(i + 1) * self.bs]))
+    k = len(hit.blocks)
+    if k < max_blocks:  # the longest run: the next block is not cached
+      assert (salt, tuple(toks[:(k + 1) * self.bs])) not in cached.values()
+    if k:
+      event("allocate_from_cache: hit")
+    sid = self._new_id()
+    need = self.bm.blocks_to_allocate(len(toks), hit)
+    assert need == -(-len(toks) // self.bs) - k + sum(
+        self.bm.device_allocator.ref_count(b) == 0 for b in hit.blocks)
+    if need > self._free(False):
+      event("allocate_from_cache: pool full")
+      self._expect_failure(lambda: self.bm.allocate(sid, len(toks), prefix=hit),
+                           NoFreeBlocksError)
+      return
+    evicted = self.bm.num_evicted_blocks
+    self.bm.allocate(sid, len(toks), prefix=hit, cache_salt=salt)
+    if self.bm.num_evicted_blocks > evicted:
+      event("allocate_from_cache: evicted")
+    assert self.bm.block_table(sid)[:k] == list(hit.blocks)
+    for slot, tok in zip(self.bm.slot_mapping(sid, k * self.bs, len(toks)).tolist(),
+                         toks[k * self.bs:]):
+      assert self.bm.device_allocator.ref_count(slot // self.bs) == 1
+      self.mem[False][divmod(slot, self.bs)] = tok
+    self.tokens[sid], self.swapped[sid], self.family[sid] = toks, False, sid
+    self.salt[sid] = salt
+    self._register(sid)
+
+  @precondition(lambda self: self.caching)
+  @rule()
+  def reset_prefix_cache(self):
+    evictable = self.bm.device_allocator.num_evictable_blocks
+    free = self.bm.num_free_blocks
+    assert self.bm.reset_prefix_cache() == evictable
+    assert self.bm.num_cached_blocks == 0 and self.bm.device_allocator.num_evictable_blocks == 0
+    assert self.bm.num_free_blocks == free
+
+  @precondition(lambda self: self.caching)
+  @rule(data=st.data())
+  def uncache_some(self, data):
+    cached = [b for b in range(self.bm.num_blocks) if self.bm.device_allocator.cached[b]]
+    if cached:
+      drop = data.draw(st.lists(st.sampled_from(cached), max_size=3))
+      free = self.bm.num_free_blocks
+      self.bm.uncache(drop)
+      assert not any(self.bm.device_allocator.cached[b] for b in drop)
+      assert self.bm.num_free_blocks == free
 
   @rule(data=st.data())
   def append(self, data):
@@ -136,6 +228,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     tok = self._fresh_tokens(1)[0]
     self.mem[False][(ref.block_id, ref.offset)] = tok
     self.tokens[sid].append(tok)
+    self._register(sid)
 
   @rule(data=st.data(), num_new=st.integers(0, 9))
   def append_chunk(self, data, num_new):
@@ -171,6 +264,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
       assert self.bm.device_allocator.ref_count(block) == 1  # never a shared block
       self.mem[False][(block, offset)] = tok
       self.tokens[sid].append(tok)
+    self._register(sid)
 
   @rule(data=st.data(), num_new=st.integers(0, 3))
   def append_family(self, data, num_new):
@@ -195,6 +289,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert self.bm.device_allocator.ref_count(slot // self.bs) == 1
         self.mem[False][divmod(slot, self.bs)] = tok
         self.tokens[s].append(tok)
+      self._register(s)
     assert free - self._free(False) == need  # exactly what was predicted
     if len(family) > 1 and need < sum(1 for _ in family):
       event("append_family: last holder kept the shared block")
@@ -218,6 +313,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     self.bm.fork_prefix(parent, child, num_blocks)
     self.tokens[child] = self.tokens[parent][:num_blocks * self.bs]
     self.swapped[child], self.family[child] = False, self.family[parent]
+    self.salt[child] = self.salt[parent]
 
   @rule(data=st.data())
   def fork(self, data):
@@ -231,6 +327,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     self.bm.fork(parent, child)
     self.tokens[child] = list(self.tokens[parent])
     self.swapped[child], self.family[child] = False, self.family[parent]
+    self.salt[child] = self.salt[parent]
 
   @rule(data=st.data())
   def free(self, data):
@@ -238,7 +335,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     if sid is None:
       return
     self.bm.free(sid)
-    del self.tokens[sid], self.swapped[sid], self.family[sid]
+    del self.tokens[sid], self.swapped[sid], self.family[sid], self.salt[sid]
 
   @rule(data=st.data(), op=st.sampled_from(
       ["append_slot", "free", "fork", "swap_out", "swap_in", "num_tokens", "slot_mapping"]))
@@ -263,7 +360,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     blocks = list(dict.fromkeys(b for s in group for b in tables[s]))
     holders = self._holders(not to_host)
     in_group = collections.Counter(b for s in group for b in tables[s])
-    closed = all(holders[b] == in_group[b] for b in blocks)
+    # With caching, device blocks shared with other requests leave with a copy.
+    closed = all(holders[b] == in_group[b] for b in blocks) or (to_host and self.caching)
     can = self.bm.can_swap_out if to_host else self.bm.can_swap_in
     act = self.bm.swap_out if to_host else self.bm.swap_in
     if not closed:
@@ -278,6 +376,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
       event("swap: pool full")
       self._expect_failure(lambda: act(ids), NoFreeBlocksError)
       return
+    self.bm.newly_cached = []
     ops = act(ids)
     if len(ops) < sum(len(t) for t in tables.values()):
       event("swap: shared blocks moved once")
@@ -288,6 +387,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
     for s in group:
       self.swapped[s] = to_host
       assert self.bm.block_table(s) == [mapping[b] for b in tables[s]]  # sharing kept
+    if self.caching and not to_host:  # swap-in registered the blocks again
+      registered = list(self.bm.newly_cached)
+      for s in group:
+        self.bm.newly_cached = [b for b in registered if b in self.bm.block_table(s)]
+        self._note_cached(s)
+      if registered:
+        event("swap: blocks registered again on swap-in")
 
   # --------------------------------------------------------- invariants
   @invariant()
@@ -296,12 +402,37 @@ class BlockManagerMachine(RuleBasedStateMachine):
       return
     for on_host, alloc in ((False, self.bm.device_allocator), (True, self.bm.host_allocator)):
       holders = self._holders(on_host)
-      free = alloc._free
+      free = alloc._free + list(alloc._evictable)
       assert [alloc.ref_count(b) for b in range(alloc.num_blocks)] == [
           holders[b] for b in range(alloc.num_blocks)]
       assert len(free) == len(set(free)) == alloc.num_free_blocks
       assert set(free) == {b for b in range(alloc.num_blocks) if holders[b] == 0}
       assert alloc.num_free_blocks + alloc.num_used_blocks == alloc.num_blocks
+      # Evictable = cached and unreferenced; never-cached free blocks are on the stack.
+      assert set(alloc._evictable) == {b for b in range(alloc.num_blocks)
+                                       if alloc.cached[b] and holders[b] == 0}
+      assert not any(alloc.cached[b] for b in alloc._free)
+
+  @invariant()
+  def cache_maps_agree(self):
+    if not hasattr(self, "bm"):
+      return
+    bm, dev = self.bm, self.bm.device_allocator
+    assert not any(self.bm.host_allocator.cached)
+    assert set(bm._entries) == {b for b in range(bm.num_blocks) if dev.cached[b]}
+    assert {b: e.hash for b, e in bm._entries.items()} == {b: h for h, b in bm._cache.items()}
+    assert len(bm._cache) == len(bm._entries) == bm.num_cached_blocks
+    for block, entry in bm._entries.items():
+      salt, prefix = self.content[block]
+      tokens = prefix[-self.bs:]
+      # What the hash was computed over is what the block holds (fake pages).
+      assert entry.tokens == tokens
+      assert [self.mem[False].get((block, o)) for o in range(self.bs)] == list(tokens)
+      assert entry.hash == bm_module.block_hash(entry.parent, tokens, salt if entry.parent is None else None)
+    if not self.caching:
+      assert not bm._entries and not dev._evictable
+    elif bm.num_evicted_blocks:
+      event("cache: blocks evicted")
 
   @invariant()
   def every_sequence_reads_back_its_tokens(self):
@@ -352,11 +483,20 @@ BlockManagerMachine.TestCase.settings = settings(
 TestBlockManagerStateful = BlockManagerMachine.TestCase
 
 
-@pytest.mark.parametrize("bug", ["skip_cow", "drop_refs_on_swap"])
+@pytest.mark.parametrize("bug", ["skip_cow", "drop_refs_on_swap", "hash_ignores_salt",
+                                 "trust_hash_alone"])
 def test_machine_catches_injected_bugs(bug, monkeypatch):
-  """The machine must fail on a manager that skips COW or loses ref counts on swap."""
-  import pagedjax.core.block_manager as bm_module
-  if bug == "skip_cow":
+  """The machine must fail on a manager that skips COW, loses ref counts on swap, lets
+  salts share blocks, or trusts a colliding hash."""
+  if bug == "hash_ignores_salt":
+    original_hash = bm_module.block_hash
+    monkeypatch.setattr(bm_module, "block_hash", lambda p, t, salt=None: original_hash(p, t))
+  elif bug == "trust_hash_alone":
+    # Every block collides with every other; only the token check keeps hits right.
+    monkeypatch.setattr(bm_module, "block_hash",
+                        lambda p, t, salt=None: bytes(32) if p is None else p)
+    monkeypatch.setattr(bm_module.BlockManager, "_verified", staticmethod(lambda *a: True))
+  elif bug == "skip_cow":
     def append_slot(self, seq_id):  # writes into a shared block without copying it
       seq = self._get_resident(seq_id)
       if seq.num_tokens % self.block_size == 0:

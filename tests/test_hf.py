@@ -306,6 +306,14 @@ def test_tokenizer_round_trip_bos_and_eos(checkpoints):
   assert toks["llama"].eos_token_ids == (1, 5)  # generation_config.json list
   assert toks["qwen3"].eos_token_ids == (1,)  # generation_config.json int
   assert toks["mistral"].eos_token_ids == (1,)  # config.json
+  # The engine's streamed text (incremental detokenization) agrees with the full decode
+  # on the text above and on random token streams.
+  from test_tokenizer import check_incremental
+  rng = np.random.default_rng(0)
+  tok = toks["llama"]
+  check_incremental(tok.decode, tok.encode(text))
+  for _ in range(30):
+    check_incremental(tok.decode, [int(i) for i in rng.integers(0, 300, rng.integers(1, 30))])
 
 
 def _broken(checkpoints, tmp_path, case="llama", config=None, drop=(), tensors=None):

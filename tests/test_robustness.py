@@ -264,10 +264,13 @@ def test_detokenization_failure_ends_only_that_request(llm, control, monkeypatch
   prompts = ["def ", "zz", "A class "]
   params = SamplingParams(max_tokens=6, temperature=0.0, stop=["\x00never"] if with_stop else None)
   expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-  poisoned = {tuple(expected[1][:k]) for k in range(1, 7)}
+  # A token only the victim generates poisons every decode (whole outputs, the stop
+  # check's incremental windows) that contains it.
+  poison = set(expected[1]) - set(expected[0]) - set(expected[2])
+  assert poison, expected
 
   def decode(ids):
-    if tuple(ids) in poisoned:
+    if poison.intersection(ids):
       raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
     return real(ids)
 

@@ -48,3 +48,41 @@ def test_token_id_tokenizer_has_no_text():
   assert tok.decode([0, 5, 9]) == "" and tok.decode([]) == ""
   with pytest.raises(ValueError, match="10"):
     tok.decode([10])
+
+
+# ------------------------------------------------------------ incremental detokenization
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from pagedjax.entrypoints.detokenizer import IncrementalDetokenizer  # noqa: E402
+
+# Bytes biased to multi-byte UTF-8 (lead and continuation bytes), ASCII and specials.
+_BYTES = st.one_of(st.integers(0xC2, 0xF4), st.integers(0x80, 0xBF), st.integers(0, 0x7F),
+                   st.sampled_from([TOK.BOS, TOK.EOS, TOK.PAD]))
+
+
+def check_incremental(decode, ids):
+  """Streams `ids` one token at a time: the text only grows, is always a prefix of the
+  whole stream's decode, and equals it once the stream ends on a complete character."""
+  inc = IncrementalDetokenizer(decode)
+  full = decode(ids)
+  prev = ""
+  for k in range(1, len(ids) + 1):
+    text = inc.update(ids[:k])
+    assert text.startswith(prev) and full.startswith(text), (ids[:k], text, full)
+    prev = text
+  if not full.endswith("\ufffd"):
+    assert prev == full
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_BYTES, max_size=40))
+def test_incremental_detokenization_matches_full_decode(ids):
+  check_incremental(TOK.decode, ids)
+
+
+def test_incremental_detokenizer_restarts_on_a_rewritten_stream():
+  inc = IncrementalDetokenizer(TOK.decode)
+  assert inc.update(TOK.encode("abc", add_bos=False)) == "abc"
+  assert inc.update(TOK.encode("xy", add_bos=False)) == "xy"  # a beam took other tokens
+  assert inc.update(TOK.encode("xyé", add_bos=False)[:3]) == "xy"  # é incomplete: held back
+  assert inc.update(TOK.encode("xyé", add_bos=False)) == "xyé"

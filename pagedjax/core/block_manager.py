@@ -14,6 +14,21 @@ It does not touch device memory: acts that need data moved return copy ops
 before the step that reads them. It does not schedule; that is
 `pagedjax.core.scheduler`.
 
+Prefix caching (`enable_caching=True`, vLLM's automatic prefix caching): every full
+device block gets a hash chained from its parent block's hash and its tokens, rooted in
+the sequence's cache salt (`block_hash`). `lookup_prefix` finds the longest run of a
+token list's full blocks already cached; `allocate(..., prefix=hit)` shares those
+blocks by reference count exactly like forked blocks, and `cache_full_blocks`
+registers a sequence's newly filled blocks (at scheduling time: the step writes a
+block's K/V before any attention of the same layer reads it, so requests scheduled in
+the same step share too). A hit is verified against the stored tokens and parent hash,
+never trusted on the hash alone. Cached blocks nobody holds stay reusable until
+their memory is needed (see `BlockAllocator`: LRU; a sequence releases its blocks tail
+first, so a chain's tail is evicted before its head). A swapped-out sequence's device
+blocks stay cached while it is on the host (evictable once nobody else holds them); on
+swap-in its blocks land in fresh device blocks and are registered again where their
+hash is no longer cached.
+
 Errors: a bad sequence id or an act on a sequence in the wrong place raises
 `SequenceStateError` (a `ValueError` naming the id); a pool too small raises
 `NoFreeBlocksError`. Every act checks before it mutates, so a failed act leaves
@@ -23,7 +38,8 @@ capacity question: they return False for too few blocks and raise for bad ids.
 
 import collections
 import dataclasses
-from collections.abc import Hashable, Iterable
+import hashlib
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -57,6 +73,42 @@ class SlotRef(NamedTuple):
   block_id: int
   offset: int
   cow: tuple[int, int] | None
+
+
+_HASH_ROOT = b"pagedjax/prefix-cache/v1\0"
+
+
+def block_hash(parent: bytes | None, tokens: Sequence[int], cache_salt: str | None = None) -> bytes:
+  """The prefix-cache key of a full block: sha256 over a canonical byte encoding.
+
+  The chain starts from a root that encodes the cache salt (None and "" differ), so two
+  salts never share a block and a salted block never matches an unsalted request;
+  each block then hashes its parent's 32-byte hash and its token ids as signed 64-bit
+  little-endian integers. Python's `hash()` is never used (salted per process).
+
+  Args:
+    parent: the previous block's hash, None for the first block.
+    tokens: the block's token ids.
+    cache_salt: the request's salt (used for the first block only; it flows down the chain).
+  """
+  if parent is None:
+    salt = b"\0" if cache_salt is None else b"\1" + cache_salt.encode("utf-8")
+    parent = hashlib.sha256(_HASH_ROOT + salt).digest()
+  return hashlib.sha256(parent + np.asarray(tokens, "<i8").tobytes()).digest()
+
+
+class CachedPrefix(NamedTuple):
+  """A prefix-cache hit: the cached device blocks holding a token list's first full
+  blocks, their hashes, and the salt they were looked up under."""
+  blocks: tuple[int, ...]
+  hashes: tuple[bytes, ...]
+  cache_salt: str | None
+
+
+class _CacheEntry(NamedTuple):
+  hash: bytes
+  parent: bytes | None
+  tokens: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +153,18 @@ class MemoryStats:
 
 
 class _Seq:
-  """One sequence's block table; `swapped` says which pool the ids refer to."""
-  __slots__ = ("table", "num_tokens", "swapped")
+  """One sequence's block table; `swapped` says which pool the ids refer to; with prefix
+  caching, what its first full blocks hold (hash, parent hash, tokens; registered or
+  hit) and its salt."""
+  __slots__ = ("table", "num_tokens", "swapped", "entries", "cache_salt")
 
-  def __init__(self, table: list[int], num_tokens: int):
+  def __init__(self, table: list[int], num_tokens: int, entries: list | None = None,
+               cache_salt: str | None = None):
     self.table = table
     self.num_tokens = num_tokens
     self.swapped = False
+    self.entries: list[_CacheEntry] = entries if entries is not None else []
+    self.cache_salt = cache_salt
 
 
 class BlockManager:
@@ -120,10 +177,15 @@ class BlockManager:
     watermark_blocks: Device blocks `can_allocate` / `can_swap_in` keep free so
       running sequences can still grow (vLLM's watermark); acts ignore it.
     device_allocator / host_allocator: The two pools (read them, do not mutate).
+    enable_caching: prefix caching on (see the module docstring).
+    prefix_cache_queries / prefix_cache_hits: tokens looked up and tokens found, as
+      counted by the caller (`record_prefix_lookup`), vLLM's counters.
+    newly_cached: device blocks registered since the caller last cleared it (the
+      scheduler hands them to the step, which unregisters them if it fails).
   """
 
   def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0, *,
-               watermark: float = 0.0):
+               watermark: float = 0.0, enable_caching: bool = False):
     """Creates a manager with both pools empty.
 
     Args:
@@ -150,6 +212,13 @@ class BlockManager:
     self.watermark_blocks = int(watermark * num_blocks)
     self._seqs: dict[Hashable, _Seq] = {}
     self._peak_used = 0
+    self.enable_caching = enable_caching
+    self._cache: dict[bytes, int] = {}  # block hash -> device block
+    self._entries: dict[int, _CacheEntry] = {}  # cached device block -> what it holds
+    self.device_allocator.on_evict = self._evicted
+    self.prefix_cache_queries = 0
+    self.prefix_cache_hits = 0
+    self.newly_cached: list[int] = []
 
   # ---------------------------------------------------------------- queries
   @property
@@ -211,31 +280,151 @@ class BlockManager:
     reserve = self.watermark_blocks if watermark else 0
     return self.num_required_blocks(num_tokens) <= self.device_allocator.num_free_blocks - reserve
 
-  def allocate(self, seq_id: Hashable, num_tokens: int) -> list[int]:
+  def allocate(self, seq_id: Hashable, num_tokens: int, *, prefix: CachedPrefix | None = None,
+               cache_salt: str | None = None) -> list[int]:
     """Reserves slots for tokens `0 .. num_tokens - 1` of a new sequence.
 
     Args:
       seq_id: A new sequence id (any hashable).
-      num_tokens: Prompt length, >= 1.
+      num_tokens: Prompt length (or first chunk), >= 1.
+      prefix: a `lookup_prefix` hit: its blocks become the table's first blocks (shared,
+        not computed again); num_tokens counts them.
+      cache_salt: the sequence's cache salt (the prefix's, if given): the root of the
+        hashes its blocks are registered under.
 
     Returns:
       The new block table (a copy).
 
     Raises:
       SequenceStateError: `seq_id` already exists.
-      ValueError: `num_tokens` < 1.
+      ValueError: `num_tokens` < 1 or not beyond the prefix, or a stale prefix.
       NoFreeBlocksError: too few free device blocks (the watermark is not applied).
     """
     self._check_new(seq_id, num_tokens)
-    needed = self.num_required_blocks(num_tokens)
+    hit = prefix.blocks if prefix is not None else ()
+    if hit:
+      if num_tokens <= len(hit) * self.block_size:
+        raise ValueError(f"num_tokens={num_tokens} must exceed the cached prefix's "
+                         f"{len(hit) * self.block_size} tokens (the last token is computed)")
+      for block, h in zip(hit, prefix.hashes):
+        if self._cache.get(h) != block:
+          raise ValueError(f"stale prefix: block {block} no longer caches its hash")
+      cache_salt = prefix.cache_salt
+    needed = self.blocks_to_allocate(num_tokens, prefix)
     free = self.device_allocator.num_free_blocks
     if needed > free:
       raise NoFreeBlocksError(f"sequence {seq_id!r} needs {needed} blocks for {num_tokens} "
                               f"tokens, {free} free")
-    table = [self.device_allocator.allocate() for _ in range(needed)]
-    self._seqs[seq_id] = _Seq(table, num_tokens)
+    for block in hit:  # before allocating: a hit block must not be evicted for this seq
+      self.device_allocator.reuse(block)
+    table = list(hit) + [self.device_allocator.allocate()
+                         for _ in range(self.num_required_blocks(num_tokens) - len(hit))]
+    entries = [self._entries[b] for b in hit]
+    self._seqs[seq_id] = _Seq(table, num_tokens, entries, cache_salt)
     self._note_usage()
     return list(table)
+
+  def blocks_to_allocate(self, num_tokens: int, prefix: CachedPrefix | None = None) -> int:
+    """Free device blocks `allocate(.., num_tokens, prefix=prefix)` uses up: the new
+    blocks plus the hit blocks nobody holds (they count as free until reused)."""
+    hit = prefix.blocks if prefix is not None else ()
+    dev = self.device_allocator
+    return (self.num_required_blocks(num_tokens) - len(hit)
+            + sum(dev.ref_counts[b] == 0 for b in hit))
+
+  # ------------------------------------------------------------ prefix cache
+  def lookup_prefix(self, token_ids: Sequence[int], *, cache_salt: str | None = None,
+                    max_blocks: int | None = None) -> CachedPrefix:
+    """The longest run of `token_ids`' first full blocks that is cached (at most
+    `max_blocks`); changes nothing. Each hit is checked against the stored tokens and
+    parent hash: a hash collision is a miss."""
+    if not self.enable_caching:
+      return CachedPrefix((), (), cache_salt)
+    bs = self.block_size
+    n = len(token_ids) // bs if max_blocks is None else min(max_blocks, len(token_ids) // bs)
+    blocks, hashes = [], []
+    parent = None
+    for i in range(n):
+      tokens = tuple(token_ids[i * bs:(i + 1) * bs])
+      h = block_hash(parent, tokens, cache_salt)
+      block = self._cache.get(h)
+      if block is None:
+        break
+      if not self._verified(self._entries[block], parent, tokens):
+        break  # a collision: never trust the hash alone
+      blocks.append(block)
+      hashes.append(h)
+      parent = h
+    return CachedPrefix(tuple(blocks), tuple(hashes), cache_salt)
+
+  @staticmethod
+  def _verified(entry: _CacheEntry, parent: bytes | None, tokens: tuple[int, ...]) -> bool:
+    """A hit is real only if the block holds these tokens after this parent."""
+    return entry.tokens == tokens and entry.parent == parent
+
+  def record_prefix_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+    """Counts one admitted lookup (vLLM's prefix_cache_queries / _hits, in tokens)."""
+    self.prefix_cache_queries += num_query_tokens
+    self.prefix_cache_hits += num_hit_tokens
+
+  def cache_full_blocks(self, seq_id: Hashable, token_slice: Callable[[int, int], Sequence[int]]
+                        ) -> None:
+    """Registers the resident sequence's blocks that are full (every slot reserved)
+    and not yet hashed; `token_slice(start, end)` gives its tokens at [start, end).
+    A block whose hash is already cached elsewhere stays an uncached duplicate."""
+    if not self.enable_caching:
+      return
+    seq = self._get_resident(seq_id)
+    bs = self.block_size
+    for i in range(len(seq.entries), seq.num_tokens // bs):
+      parent = seq.entries[-1].hash if seq.entries else None
+      tokens = tuple(token_slice(i * bs, (i + 1) * bs))
+      entry = _CacheEntry(block_hash(parent, tokens, seq.cache_salt), parent, tokens)
+      seq.entries.append(entry)
+      self._register(seq.table[i], entry)
+
+  def _register(self, block: int, entry: _CacheEntry) -> None:
+    if entry.hash in self._cache or self.device_allocator.cached[block]:
+      return
+    self._cache[entry.hash] = block
+    self._entries[block] = entry
+    self.device_allocator.mark_cached(block)
+    self.newly_cached.append(block)
+
+  def _evicted(self, block: int) -> None:
+    entry = self._entries.pop(block)
+    del self._cache[entry.hash]
+
+  def uncache(self, blocks: Iterable[int]) -> None:
+    """Unregisters device blocks (e.g. those a failed step was to fill): no later
+    lookup hits them; the sequences holding them keep them."""
+    for block in blocks:
+      entry = self._entries.pop(block, None)
+      if entry is not None:
+        del self._cache[entry.hash]
+        self.device_allocator.uncache(block)
+
+  def reset_prefix_cache(self) -> int:
+    """Unregisters every cached block: unreferenced ones become free, referenced ones
+    stay with their sequences (uncached). Returns how many blocks were freed."""
+    dev = self.device_allocator
+    freed = dev.num_evictable_blocks
+    self.uncache(list(self._entries))
+    return freed
+
+  @property
+  def num_cached_blocks(self) -> int:
+    """Device blocks registered in the prefix cache (held or evictable)."""
+    return len(self._entries)
+
+  @property
+  def num_evicted_blocks(self) -> int:
+    return self.device_allocator.num_evicted
+
+  def cache_entry(self, block: int) -> tuple[bytes, tuple[int, ...]] | None:
+    """(hash, tokens) a cached device block holds, or None (tests, tools)."""
+    entry = self._entries.get(block)
+    return None if entry is None else (entry.hash, entry.tokens)
 
   def blocks_to_append(self, seq_id: Hashable, num_tokens: int = 1) -> int:
     """Device blocks `append_slots(seq_id, num_tokens)` takes (new blocks + a COW copy)."""
@@ -355,7 +544,8 @@ class BlockManager:
     table = parent.table[:num_blocks]
     for block in table:
       self.device_allocator.incref(block)
-    self._seqs[child_id] = _Seq(table, num_blocks * self.block_size)
+    self._seqs[child_id] = _Seq(table, num_blocks * self.block_size,
+                                parent.entries[:num_blocks], parent.cache_salt)
 
   # ----------------------------------------------------------- fork / free
   def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
@@ -369,7 +559,8 @@ class BlockManager:
       raise SequenceStateError(f"cannot fork onto sequence {child_id!r}: it already exists")
     for block in parent.table:
       self.device_allocator.incref(block)
-    self._seqs[child_id] = _Seq(list(parent.table), parent.num_tokens)
+    self._seqs[child_id] = _Seq(list(parent.table), parent.num_tokens, list(parent.entries),
+                                parent.cache_salt)
 
   def free(self, seq_id: Hashable) -> None:
     """Drops the sequence (resident or swapped); unshared blocks return to their pool.
@@ -380,7 +571,7 @@ class BlockManager:
     seq = self._get(seq_id)
     del self._seqs[seq_id]
     allocator = self.host_allocator if seq.swapped else self.device_allocator
-    for block in seq.table:
+    for block in reversed(seq.table):  # tail first: a cached chain's tail is evicted first
       allocator.decref(block)
 
   # ------------------------------------------------------------------- swap
@@ -401,7 +592,8 @@ class BlockManager:
 
     Blocks shared inside the group move once and keep their sharing. The group
     must be closed: no block of it may be held by a sequence outside it (swap
-    a fork group as a whole). The freed device blocks can be handed out again
+    a fork group as a whole); with prefix caching, a device block also held
+    outside (a shared prefix) is copied and stays with its other holders. The freed device blocks can be handed out again
     at once, so the device layer must run these copies before any write of the
     step.
 
@@ -540,7 +732,10 @@ class BlockManager:
         counts[block] = counts.get(block, 0) + 1
     src = self.host_allocator if swapped else self.device_allocator
     for block, holders in counts.items():
-      if src.ref_count(block) != holders:
+      # With prefix caching, a device block may also be held by other requests (a
+      # prefix hit, cached then or since): the group takes a copy along and leaves the
+      # block with them.
+      if src.ref_count(block) != holders and (swapped or not self.enable_caching):
         outside = [i for i, s in self._seqs.items()
                    if s.swapped == swapped and i not in ids and block in s.table]
         raise SequenceStateError(
@@ -569,4 +764,8 @@ class BlockManager:
       seq.swapped = to_host
     if not to_host:
       self._note_usage()
+      if self.enable_caching:  # back on the device: register the blocks again
+        for seq in group:
+          for block, entry in zip(seq.table, seq.entries):
+            self._register(block, entry)
     return list(mapping.items())

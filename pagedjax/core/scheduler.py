@@ -30,6 +30,7 @@ Not here: device arrays, sampling, text (stop strings are the engine's, which ca
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 from collections.abc import Callable, Collection
 
@@ -100,6 +101,9 @@ class SchedulerOutput:
   cow: list[tuple[int, int]] = dataclasses.field(default_factory=list)
   num_batched_tokens: int = 0
   preempted: list[SequenceGroup] = dataclasses.field(default_factory=list)
+  # Device blocks registered in the prefix cache while building this step (their K/V
+  # is written by it): unregistered again if the step fails.
+  cached_blocks: list[int] = dataclasses.field(default_factory=list)
 
   @property
   def num_sample_rows(self) -> int:
@@ -172,6 +176,7 @@ class Scheduler:
     self.swapped: list[SequenceGroup] = []
     self.num_preemptions = {"recompute": 0, "swap": 0}
     self.num_blocks_swapped = {"out": 0, "in": 0}
+    self._hits: dict = {}  # seq id -> CachedPrefix, of the latest _chunk_plan
 
   # ---------------------------------------------------------------- queues
   def add(self, group: SequenceGroup) -> None:
@@ -222,21 +227,24 @@ class Scheduler:
   # ------------------------------------------------------------- scheduling
   def schedule(self) -> SchedulerOutput:
     out = SchedulerOutput()
+    self.bm.newly_cached = []
     for group in self.running:  # before counting decodes: this can make a group decode-ready
       self._fork_waiting_prefixes(group)
-    decode_tokens = sum(len(g.live_seqs) for g in self.running if g.is_decode_ready())
+    ready = {id(g) for g in self.running if g.is_decode_ready()}  # decode this step
+    decode_tokens = sum(len(g.live_seqs) for g in self.running if id(g) in ready)
     budget = self.max_num_batched_tokens - decode_tokens  # what prefill chunks may use
-    queue = list(self.running)
+    queue = collections.deque(self.running)
     scheduled: list[SequenceGroup] = []
     chunks: list[ScheduledSeq] = []
     decodes: list[ScheduledSeq] = []
     while queue:
-      group = queue.pop(0)
-      if group.is_decode_ready():
+      group = queue.popleft()
+      decode = id(group) in ready
+      if decode:
         plan = [(s, 1) for s in group.live_seqs]
       else:
         plan = self._chunk_plan(group, budget)
-      need = self.bm.blocks_to_append_all((s.seq_id, n) for s, n in plan)
+      need = self._blocks_needed(plan)
       while need > self.bm.num_free_blocks:
         victim = queue.pop() if queue else group
         self._preempt(victim, out)
@@ -245,19 +253,40 @@ class Scheduler:
       else:
         scheduled.append(group)
         rows = self._allocate(group, plan, out)
-        if group.is_decode_ready():
+        if decode:
           decodes += rows
         else:
           chunks += rows
           budget -= sum(n for _, n in plan)
-    self.running = scheduled + [g for g in self.running if g not in scheduled
-                                and g not in out.preempted]
+    placed = {id(g) for g in scheduled} | {id(g) for g in out.preempted}
+    self.running = scheduled + [g for g in self.running if id(g) not in placed]
     self.running.sort(key=lambda g: g.arrival)
     if not out.preempted:
       budget = self._admit(out, budget, decodes, chunks)
     out.seqs = decodes + chunks
     out.num_batched_tokens = sum(len(s.token_ids) for s in out.seqs)
+    out.cached_blocks, self.bm.newly_cached = self.bm.newly_cached, []
     return out
+
+  def _blocks_needed(self, plan) -> int:
+    """Free device blocks a plan takes: appends of resident sequences, and allocations
+    (past any prefix-cache hit) of sequences without blocks."""
+    bm = self.bm
+    resident = [(s.seq_id, n) for s, n in plan if bm.has_seq(s.seq_id)]
+    need = bm.blocks_to_append_all(resident) if resident else 0
+    for s, n in plan:
+      if not bm.has_seq(s.seq_id):
+        hit = self._hits.get(s.seq_id)
+        computed = len(hit.blocks) * bm.block_size if hit else 0
+        need += bm.blocks_to_allocate(computed + n, hit)
+    return need
+
+  def _prefix_hit(self, group: SequenceGroup, seq: Sequence, hold_back: int):
+    """The prefix-cache hit for a sequence about to get its first blocks, leaving at
+    least one token (past the hold-back) to compute: its logits are needed."""
+    tokens = seq.token_slice(0, seq.num_tokens)
+    max_blocks = (seq.num_tokens - 1 - hold_back) // self.bm.block_size
+    return self.bm.lookup_prefix(tokens, cache_salt=group.cache_salt, max_blocks=max_blocks)
 
   def _chunk_plan(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
     """(sequence, tokens) for a prefilling group within `budget` tokens.
@@ -269,10 +298,15 @@ class Scheduler:
     plan = []
     live = group.live_seqs
     hold_back = 1 if len(live) > 1 else 0
+    self._hits = {}
     for seq in live:
       if group.forked and seq.status is SequenceStatus.WAITING:
         continue  # waits to share the leader's prefix (see _fork_waiting_prefixes)
-      left = seq.num_tokens - hold_back - seq.num_computed_tokens
+      computed = seq.num_computed_tokens
+      if self.bm.enable_caching and not self.bm.has_seq(seq.seq_id):
+        hit = self._hits[seq.seq_id] = self._prefix_hit(group, seq, hold_back)
+        computed = len(hit.blocks) * self.bm.block_size
+      left = seq.num_tokens - hold_back - computed
       n = min(left, budget)
       if n > 0:
         plan.append((seq, n))
@@ -282,15 +316,21 @@ class Scheduler:
   def _allocate(self, group: SequenceGroup, plan, out: SchedulerOutput) -> list[ScheduledSeq]:
     rows = []
     for seq, n in plan:
-      start = seq.num_computed_tokens
       if not self.bm.has_seq(seq.seq_id):
-        self.bm.allocate(seq.seq_id, n)
+        hit = self._hits.get(seq.seq_id)
+        computed = len(hit.blocks) * self.bm.block_size if hit else 0
+        self.bm.allocate(seq.seq_id, computed + n, prefix=hit, cache_salt=group.cache_salt)
+        if self.bm.enable_caching:
+          self.bm.record_prefix_lookup(seq.num_tokens, computed)
+        seq.num_computed_tokens = computed
         seq.status = SequenceStatus.RUNNING
       else:
         op = self.bm.append_slots(seq.seq_id, n)
         if op is not None:
           out.cow.append(op)
+      start = seq.num_computed_tokens
       end = start + n
+      self.bm.cache_full_blocks(seq.seq_id, seq.token_slice)
       if end < seq.num_tokens:
         samples: tuple[int, ...] = ()
       elif not group.forked and group.width > 1 and not group.params.use_beam_search:
@@ -346,10 +386,12 @@ class Scheduler:
         plan = self._chunk_plan(group, budget)
         fresh = not group.forked and group.seqs[0].num_computed_tokens == 0 \
             and not group.seqs[0].output_token_ids
+        hit = self._hits.get(group.seqs[0].seq_id)
+        cached = len(hit.blocks) * self.bm.block_size if hit else 0
         if not plan or (fresh and not self.enable_chunked_prefill
-                        and plan[0][1] < group.seqs[0].num_tokens):
+                        and plan[0][1] < group.seqs[0].num_tokens - cached):
           break
-        need = sum(self.bm.num_required_blocks(n) for _, n in plan)
+        need = self._blocks_needed(plan)
         reserve = self.bm.watermark_blocks if self.running else 0
         if need > self.bm.num_free_blocks - reserve:
           break

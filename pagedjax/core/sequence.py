@@ -52,6 +52,10 @@ class Sequence:
     self.output_text: str | None = None
     # Characters of detokenized text seen by the last stop-string check.
     self.num_text_chars = 0
+    # The engine's incremental detokenizer of the output and its built logprob dicts
+    # (caches of the output processor, rebuilt on demand: not copied by fork).
+    self.detokenizer = None
+    self.logprob_dicts: list = []
 
   @property
   def num_tokens(self) -> int:

@@ -57,6 +57,7 @@ def _build_llm(config: ml_collections.ConfigDict) -> LLM:
              num_host_blocks=None if e.num_host_blocks < 0 else e.num_host_blocks,
              max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
              enable_chunked_prefill=e.enable_chunked_prefill,
+             enable_prefix_caching=e.enable_prefix_caching,
              preemption_mode=e.preemption_mode, attention_impl=e.attention_impl, dtype=e.dtype,
              kv_cache_memory_mb=e.kv_cache_memory_mb, seed=e.seed)
 
@@ -66,6 +67,9 @@ def memory_report(stats: dict, elapsed_s: float) -> str:
   lines = [
       f"blocks: {stats['num_blocks']} x {stats['block_size']} tokens, used now {used}, "
       f"free {stats['num_free_blocks']}, peak used {stats['peak_used_blocks']}",
+      f"prefix cache: {stats['prefix_cache_hits']} of {stats['prefix_cache_queries']} prompt "
+      f"tokens hit, {stats['num_cached_blocks']} blocks cached, "
+      f"{stats['num_evicted_blocks']} evicted",
       f"preemptions: {stats['num_preemptions']} (recompute {stats['num_preemptions_recompute']}, "
       f"swap {stats['num_preemptions_swap']})",
       f"compiled programs: {stats['num_compilations']}",

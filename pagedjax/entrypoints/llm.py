@@ -28,6 +28,7 @@ from pagedjax.core import beam_search
 from pagedjax.core.block_manager import BlockManager
 from pagedjax.core.scheduler import Scheduler, StepResult, max_blocks_needed
 from pagedjax.core.sequence import Sequence, SequenceGroup
+from pagedjax.entrypoints.detokenizer import IncrementalDetokenizer
 from pagedjax.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedjax.runner import step as step_lib
 from pagedjax.runner.model_runner import MAX_BANNED, DeviceSampling, ModelRunner
@@ -71,6 +72,10 @@ class LLM:
       least one block.
     enable_chunked_prefill: split long prompts across steps (default); False computes a
       fresh prompt in one step and refuses prompts longer than the budget.
+    enable_prefix_caching: reuse the KV of full blocks already computed for the same
+      tokens (and cache salt) by any request: system prompts, few-shot prefixes, chat
+      histories, re-prefills after preemption (see core.block_manager). Outputs are
+      unchanged; `reset_prefix_cache()` drops the cache.
     preemption_mode: "recompute" or "swap" when blocks run out.
     attention_impl: "auto" (pallas on GPU, xla otherwise), "xla", "pallas",
       "pallas_interpret".
@@ -87,6 +92,7 @@ class LLM:
                num_blocks: int | None = None, block_size: int = 16,
                num_host_blocks: int | None = None, max_num_seqs: int = 64,
                max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
+               enable_prefix_caching: bool = True,
                preemption_mode: str = "recompute", attention_impl: str = "auto",
                dtype: str = "float32", kv_cache_memory_mb: float = 64.0, seed: int = 0,
                skip_tokenizer_init: bool = False, kv_reservation: str | None = None):
@@ -104,6 +110,8 @@ class LLM:
     _check_int("seed", seed, 0)
     if not isinstance(enable_chunked_prefill, bool):
       raise TypeError(f"enable_chunked_prefill must be a bool, got {enable_chunked_prefill!r}")
+    if not isinstance(enable_prefix_caching, bool):
+      raise TypeError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
     if isinstance(kv_cache_memory_mb, bool) or not isinstance(kv_cache_memory_mb, numbers.Real) \
         or not 0 < kv_cache_memory_mb < float("inf"):
       raise ValueError(f"kv_cache_memory_mb must be a positive number, got {kv_cache_memory_mb!r}")
@@ -128,7 +136,9 @@ class LLM:
     if num_blocks is None:
       num_blocks = max(1, int(kv_cache_memory_mb * 2**20) // bytes_per_block)
     num_host_blocks = num_blocks if num_host_blocks is None else num_host_blocks
-    self.bm = BlockManager(num_blocks, block_size, num_host_blocks, watermark=0.01)
+    self.enable_prefix_caching = enable_prefix_caching
+    self.bm = BlockManager(num_blocks, block_size, num_host_blocks, watermark=0.01,
+                           enable_caching=enable_prefix_caching)
     self.scheduler = Scheduler(self.bm, max_num_seqs=self.max_num_seqs,
                                max_num_batched_tokens=max_num_batched_tokens,
                                max_model_len=cfg.max_seq_len,
@@ -345,6 +355,10 @@ class LLM:
     self._stats["num_failed_steps"] += 1
     lost_device, lost_host = self.runner.state_is_lost()
     self.runner.reset(device=lost_device, host=lost_host)
+    # Blocks this step was to fill hold no valid K/V; a lost pool holds none at all.
+    self.bm.uncache(so.cached_blocks)
+    if lost_device:
+      self.bm.reset_prefix_cache()
     failed = so.groups
     for group in failed:
       self.scheduler.finish_group(group, "error")
@@ -370,7 +384,7 @@ class LLM:
     for seq in group.live_seqs:
       if seq.num_computed_tokens != seq.num_tokens - 1 or len(seq.output_token_ids) < p.min_tokens:
         continue  # no new token this step, or stops not allowed yet
-      text = self.tokenizer.decode(seq.output_token_ids)
+      text = self._stream_text(seq)
       # Search where a new match can start: the new text plus the longest stop before it.
       tail_from = max(0, seq.num_text_chars - longest)
       seq.num_text_chars = len(text)
@@ -402,6 +416,24 @@ class LLM:
   def _decode(self, ids: list[int]) -> str:
     return self.tokenizer.decode(ids) if getattr(self.tokenizer, "has_text", True) else ""
 
+  def _stream_text(self, seq: Sequence) -> str:
+    """The running sequence's text so far, decoded incrementally (O(new tokens))."""
+    if seq.detokenizer is None:
+      seq.detokenizer = IncrementalDetokenizer(self._decode)
+    return seq.detokenizer.update(seq.output_token_ids)
+
+  def _text(self, seq: Sequence) -> str:
+    """A sample's output text: the text before a stop string, the full decode of a
+    finished output (computed once), the incremental text of a running one."""
+    if seq.output_text is not None:
+      return seq.output_text
+    if not getattr(self.tokenizer, "has_text", True):
+      return ""
+    if seq.is_finished:
+      seq.output_text = self.tokenizer.decode(seq.output_token_ids)
+      return seq.output_text
+    return self._stream_text(seq)
+
   def _output(self, group: SequenceGroup) -> RequestOutput:
     """The group's RequestOutput; if building it fails (e.g. detokenization), the request
     ends with finish_reason "error" and an output without text; the others go on."""
@@ -416,14 +448,16 @@ class LLM:
       return self._request_output(group, decode=False)
 
   def _logprobs(self, seq: Sequence, decode) -> list[dict[int, Logprob]]:
-    out = []
-    for tok, lp, rank, top in zip(seq.output_token_ids, seq.output_logprobs, seq.output_ranks,
-                                  seq.output_top_logprobs):
+    """Per generated token {token_id: Logprob}; built once per token (cached on the seq)."""
+    out = seq.logprob_dicts if decode == self._decode else []
+    new = zip(seq.output_token_ids[len(out):], seq.output_logprobs[len(out):],
+              seq.output_ranks[len(out):], seq.output_top_logprobs[len(out):])
+    for tok, lp, rank, top in new:
       d = {t: Logprob(l, i + 1, decode([t])) for i, (t, l) in enumerate(top)}
       if tok not in d:
         d[tok] = Logprob(lp, rank, decode([tok]))
       out.append(d)
-    return out
+    return list(out)
 
   def _request_output(self, group: SequenceGroup, *, decode: bool = True) -> RequestOutput:
     p = group.params
@@ -444,7 +478,7 @@ class LLM:
     else:
       outs = [CompletionOutput(
           index=i,
-          text=_decode(s.output_token_ids) if s.output_text is None else s.output_text,
+          text=self._text(s) if decode else "",
           token_ids=list(s.output_token_ids), cumulative_logprob=s.cumulative_logprob,
           logprobs=self._logprobs(s, _decode) if p.logprobs is not None else None,
           finish_reason=s.finish_reason, stop_reason=s.stop_reason)
@@ -523,6 +557,11 @@ class LLM:
     programs ran (programs are shared per process, so a second engine costs little)."""
     return self.runner.precompile(self.max_num_batched_tokens)
 
+  def reset_prefix_cache(self) -> int:
+    """Drops every prefix-cache entry (vLLM's name): unreferenced cached blocks become
+    free, blocks held by running requests stay theirs; returns the blocks freed."""
+    return self.bm.reset_prefix_cache()
+
   # ------------------------------------------------------------------ stats
   @property
   def num_compilations(self) -> int:
@@ -543,6 +582,12 @@ class LLM:
         num_blocks_swapped_out=sched.num_blocks_swapped["out"],
         num_blocks_swapped_in=sched.num_blocks_swapped["in"],
         num_running_seqs=sum(len(g.live_seqs) for g in sched.running),
+        enable_prefix_caching=self.enable_prefix_caching,
+        prefix_cache_queries=self.bm.prefix_cache_queries,
+        prefix_cache_hits=self.bm.prefix_cache_hits,
+        num_cached_blocks=self.bm.num_cached_blocks,
+        num_evictable_blocks=self.bm.device_allocator.num_evictable_blocks,
+        num_evicted_blocks=self.bm.num_evicted_blocks,
         num_waiting_requests=len(sched.waiting), num_swapped_requests=len(sched.swapped),
         peak_waste_pct=self._peak["waste_pct"],
         num_compilations=self.num_compilations, process_step_traces=step_lib.TRACES["step"],

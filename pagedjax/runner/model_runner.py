@@ -93,6 +93,7 @@ class ModelRunner:
     self.host_pool = self._new_host_pool()
     graphdef, params = nnx.split(module)
     self._graphdef = graphdef
+    self._static_graph = step_lib.static_graph(graphdef)  # jit's static arg, hashed once
     self._params = jax.tree.map(
         lambda x: x.astype(self.dtype) if x.dtype == jnp.float32 else x, params)
     self.programs: dict[tuple, tuple] = {}  # program key -> abstract (batch, sampling)
@@ -153,7 +154,7 @@ class ModelRunner:
     if key not in self.programs:
       self.programs[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                         (batch, samp))
-    self.kv, out = step_lib.step(self._params, self.kv, batch, samp, graphdef=self._graphdef,
+    self.kv, out = step_lib.step(self._params, self.kv, batch, samp, graphdef=self._static_graph,
                                  impl=self.impl, vocab_size=self.vocab_size)
     return jax.device_get(out)
 
@@ -362,6 +363,6 @@ class ModelRunner:
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._params)
     kv = self.abstract_kv(num_blocks)
     for key, (batch, samp) in self.programs.items():
-      lowered = step_lib.step.lower(params, kv, batch, samp, graphdef=self._graphdef,
+      lowered = step_lib.step.lower(params, kv, batch, samp, graphdef=self._static_graph,
                                     impl=self.impl, vocab_size=self.vocab_size)
       yield key, lowered.compile()
