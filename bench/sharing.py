@@ -185,8 +185,9 @@ def measure(quick: bool = False, *, seed: int = SEED, num_requests: int | None =
   grid = [(m, mode, w) for m in mixes for mode in MODES for w in widths]
   for mix, mode, w in (bar := tqdm(grid, desc="sharing", disable=None)):
     bar.set_postfix_str(f"{mix} {mode} w={w}")
-    llm = LLM(
-      num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs, attention_impl="xla"
+    llm = LLM(  # forks alone: no sharing across requests through the prefix cache
+      num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs, attention_impl="xla",
+      enable_prefix_caching=False,
     )
     params = [sampling_params(mode, w, o, seed + i) for i, o in enumerate(outs[mix])]
     r = measure_sharing(llm, traces[mix].prompts, params)

@@ -127,7 +127,8 @@ def serve(
   mode: str, prompts, params, *, num_blocks: int, num_host_blocks: int, max_num_seqs: int
 ) -> tuple[float, list, dict]:
   """Serves the workload on a fresh engine; returns (wall s, token ids, memory_stats)."""
-  llm = LLM(
+  llm = LLM(  # the paper's recompute: no prefix cache to re-prefill from
+    enable_prefix_caching=False,
     num_blocks=num_blocks,
     block_size=BLOCK_SIZE,
     num_host_blocks=num_host_blocks,
@@ -274,7 +275,8 @@ def recompute_cost(
   rng: np.random.Generator,
 ) -> float:
   """Median seconds of one engine prefill of a num_tokens prompt (generate, max_tokens=1)."""
-  llm = LLM(
+  llm = LLM(  # every repeat computes the prefill: no cache hits
+    enable_prefix_caching=False,
     num_blocks=cache_tokens // block_size,
     block_size=block_size,
     max_num_seqs=1,
