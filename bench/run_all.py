@@ -35,6 +35,7 @@ EXPERIMENTS = (
   "throughput",
   "pool_scaling",
   "serving",
+  "prefix_caching",
   "memory_timeline",
 )
 _MAX_FALLBACK_FIGURES = 6

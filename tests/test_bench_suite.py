@@ -1,7 +1,8 @@
 """The benchmark suite's own experiments run in their --quick form and report sane figures.
 
 Covers bench/memory_waste.py, bench/fragmentation.py, bench/memory_timeline.py,
-bench/host_overhead.py, bench/attention.py, bench/pool_scaling.py and bench/run_all.py. Each experiment runs
+bench/host_overhead.py, bench/attention.py, bench/pool_scaling.py, bench/serving.py,
+bench/prefix_caching.py and bench/run_all.py. Each experiment runs
 once per module (fixtures), writing into a temporary folder; the tests check the JSON's
 fields and the relations the figures must satisfy. No timing is asserted.
 """
@@ -14,7 +15,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from bench import (attention, fragmentation, host_overhead, memory_timeline, memory_waste,
-                   pool_scaling, run_all, serving)
+                   pool_scaling, prefix_caching, run_all, serving)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,37 @@ def test_serving_quick(out_dir):
       assert r["itl_s_p50"] <= r["itl_s_p99"] and r["num_preemptions"] >= 0
   assert t["threshold_s"] > 0 and set(t["chunked_prefill_at_highest_rate"]) == {"on"}
   assert t["systems"]["orca-max"][0]["num_preemptions"] == 0  # reservation never preempts
+
+
+def test_prefix_caching_quick(out_dir):
+  report = prefix_caching.run(quick=True, out_dir=out_dir, num_requests=3)
+  _written(out_dir, "prefix_caching", report)
+  rows = report["results"]
+  names = {r["workload"] for r in rows}
+  assert names == {"1-shot x1", "5-shot x1", "chat", "no sharing"}
+  for r in rows:
+    assert r["outputs_identical"] if r["prefix_caching"] else "outputs_identical" not in r
+    assert 0.0 <= r["hit_rate"] <= r["shareable_hit_rate"] + 1e-9 <= 1.0 + 1e-9
+    if not r["prefix_caching"]:
+      assert r["prefix_cache_hits"] == 0
+  get = {(r["workload"], r["prefix_caching"]): r for r in rows}
+  for name in ("1-shot x1", "5-shot x1", "chat"):  # a shared prefix is computed once
+    on, off = get[(name, True)], get[(name, False)]
+    assert on["shareable_hit_rate"] > 0 and on["hit_rate"] > 0
+    assert off["num_prefill_tokens"] - on["num_prefill_tokens"] == on["prefix_cache_hits"]
+  assert get[("no sharing", True)]["num_prefill_tokens"] == get[("no sharing", False)][
+    "num_prefill_tokens"] - get[("no sharing", True)]["prefix_cache_hits"]
+  assert report["headline"]["all outputs identical"] is True
+
+
+def test_prefix_caching_shareable_counts_full_blocks_before_the_last_prompt_token():
+  bs = prefix_caching.BLOCK_SIZE
+  a = list(range(2 * bs + 3))
+  b = a[: 2 * bs] + [7]  # shares two full blocks with a; its last token is always computed
+  c = a[: 2 * bs]  # exactly two blocks: the second holds its last token, so one block hits
+  queried, hit = prefix_caching.shareable_hits([[(a, [1]), (b, [1]), (c, [1])]])
+  assert queried == len(a) + len(b) + len(c)
+  assert hit == 2 * bs + bs
 
 
 def test_run_all_headline_and_skips():
