@@ -5,6 +5,7 @@ Kept out of main.py so it is importable and testable; main.py only parses flags.
 
 from __future__ import annotations
 
+import os
 import time
 
 import ml_collections
@@ -105,6 +106,23 @@ def serve(config: ml_collections.ConfigDict, prompts=None) -> list:
   print("--- memory report")
   print(memory_report(llm.memory_stats(), elapsed))
   return outputs
+
+
+def server(config: ml_collections.ConfigDict, *, host: str, port: int, api_key: str | None,
+           served_model_name: str | None = None, max_queued_requests: int = 256,
+           precompile: bool = False) -> None:
+  """Runs the OpenAI-compatible server (pagedjax/entrypoints/openai) until interrupted."""
+  from pagedjax.entrypoints.openai import api_server  # noqa: PLC0415  (server deps only here)
+
+  if not 0 < port < 65536:
+    raise ConfigError(f"--port must be in [1, 65535], got {port}")
+  if max_queued_requests < 0:
+    raise ConfigError(f"--max_queued_requests must be >= 0, got {max_queued_requests}")
+  llm = build_llm(config)
+  name = served_model_name or (os.path.basename(os.path.normpath(config.model))
+                               if config.model else "pagedjax-bundled")
+  api_server.run_server(llm, host=host, port=port, api_key=api_key, model_name=name,
+                        max_queued_requests=max_queued_requests, precompile=precompile)
 
 
 def train(config: ml_collections.ConfigDict, out_dir: str | None = None) -> dict:

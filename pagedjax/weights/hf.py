@@ -54,6 +54,7 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 GENERATION_CONFIG_FILE = "generation_config.json"
 _DTYPES = ("float32", "bfloat16", "float16")
 _TENSOR_DTYPES = ("F32", "BF16", "F16")
@@ -521,6 +522,27 @@ def tokenizer_from_dir(
   return HFTokenizer.from_dir(directory, cfg)
 
 
+def _chat_template(directory, tok_config: dict) -> str | None:
+  """tokenizer_config.json's chat_template (a string, or a list of {"name", "template"}:
+  the "default" one), else chat_template.jinja in the checkpoint, else None."""
+  t = tok_config.get("chat_template")
+  if isinstance(t, list):
+    named = {e.get("name"): e.get("template") for e in t if isinstance(e, dict)}
+    t = named.get("default")
+  if t is not None and not isinstance(t, str):
+    raise ValueError(f"{TOKENIZER_CONFIG_FILE}: chat_template must be a string or a list of "
+                     f"{{name, template}}, got {type(t).__name__}")
+  if t is None:
+    real = resolve(directory, CHAT_TEMPLATE_FILE, required=False)
+    if real is not None:
+      try:
+        with open(real, "rb") as f:
+          t = f.read().decode("utf-8")
+      except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{os.path.join(directory, CHAT_TEMPLATE_FILE)}: cannot read ({e})") from e
+  return t or None
+
+
 class HFTokenizer:
   """A `tokenizers.Tokenizer` behind the engine's tokenizer interface (see checkpoint.py).
 
@@ -542,12 +564,16 @@ class HFTokenizer:
     bos_id: int | None,
     add_bos: bool,
     eos_token_ids: tuple[int, ...],
+    chat_template: str | None = None,
   ):
     self.tokenizer = tokenizer
     self.vocab_size = vocab_size
     self.bos_id = bos_id
     self.add_bos = add_bos and bos_id is not None
     self.eos_token_ids = eos_token_ids
+    self.chat_template = chat_template  # Jinja2 source, rendered by entrypoints/openai/chat.py
+    self.bos_token = None if bos_id is None else tokenizer.id_to_token(bos_id)
+    self.eos_token = tokenizer.id_to_token(eos_token_ids[0]) if eos_token_ids else None
 
   @classmethod
   def from_dir(cls, directory: str | os.PathLike, cfg: ModelConfig) -> HFTokenizer:
@@ -602,7 +628,8 @@ class HFTokenizer:
       add_bos = bool(probe) and probe[0] == bos_id
     if not eos and special["eos_token"] is not None:
       eos = (special_id("eos_token"),)
-    return cls(tok, vocab_size=vocab_size, bos_id=bos_id, add_bos=add_bos, eos_token_ids=eos)
+    return cls(tok, vocab_size=vocab_size, bos_id=bos_id, add_bos=add_bos, eos_token_ids=eos,
+               chat_template=_chat_template(directory, tok_config))
 
   def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
     """Token ids of `text`, with BOS prepended if `add_bos` (default: as the model expects)."""
