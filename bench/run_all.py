@@ -36,6 +36,7 @@ EXPERIMENTS = (
   "pool_scaling",
   "serving",
   "prefix_caching",
+  "serving_http",
   "memory_timeline",
 )
 _MAX_FALLBACK_FIGURES = 6

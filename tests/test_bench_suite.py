@@ -2,7 +2,7 @@
 
 Covers bench/memory_waste.py, bench/fragmentation.py, bench/memory_timeline.py,
 bench/host_overhead.py, bench/attention.py, bench/pool_scaling.py, bench/serving.py,
-bench/prefix_caching.py and bench/run_all.py. Each experiment runs
+bench/prefix_caching.py, bench/serving_http.py and bench/run_all.py. Each experiment runs
 once per module (fixtures), writing into a temporary folder; the tests check the JSON's
 fields and the relations the figures must satisfy. No timing is asserted.
 """
@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from bench import (attention, fragmentation, host_overhead, memory_timeline, memory_waste,
-                   pool_scaling, prefix_caching, run_all, serving)
+                   pool_scaling, prefix_caching, run_all, serving, serving_http)
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +198,14 @@ def test_run_all_headline_and_skips():
   assert run_all.run_one("no_such_experiment", quick=True)["status"].startswith("skipped")
   with pytest.raises(ValueError, match="no_such"):
     run_all.run(quick=True, only=["no_such"])
+
+
+def test_serving_http_quick(out_dir):
+  report = serving_http.run(quick=True, out_dir=out_dir, num_requests=3)
+  _written(out_dir, "serving_http", report)
+  rows = {r["system"]: r for r in report["results"]}
+  assert set(rows) == {"in-process", "http"}
+  for r in rows.values():
+    assert r["wall_s"] > 0 and r["output_tokens_per_s"] > 0
+    assert 0 < r["p50_ttft_s"] <= r["p99_ttft_s"] <= r["wall_s"]
+  assert report["outputs_identical"] is True  # the server's streams equal the engine's text

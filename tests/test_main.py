@@ -43,3 +43,44 @@ def test_main_job_serves_a_prompt():
   assert r.returncode == 0, r.stderr
   assert "--- prompt (" in r.stdout and "-> [4 tokens, length]" in r.stdout, r.stdout
   assert "--- memory report" in r.stdout
+
+
+def test_server_mode_serves_on_the_loopback_and_says_so(tmp_path):
+  """`python main.py --mode=server` as the README runs it: binds 127.0.0.1, prints where,
+  answers /health and a completion with the API key from the environment."""
+  import socket  # noqa: PLC0415
+  import time  # noqa: PLC0415
+
+  import httpx  # noqa: PLC0415
+
+  s = socket.socket()
+  s.bind(("127.0.0.1", 0))
+  port = s.getsockname()[1]
+  s.close()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PAGEDJAX_API_KEY="k")
+  log = open(tmp_path / "server.log", "w+")
+  proc = subprocess.Popen([sys.executable, "main.py", "--mode=server", f"--port={port}",
+                           "--config.engine.num_blocks=32", "--config.engine.max_num_seqs=2",
+                           "--config.engine.max_num_batched_tokens=32"],
+                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+  try:
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+      assert proc.poll() is None, open(tmp_path / "server.log").read()
+      try:
+        if httpx.get(url + "/health", timeout=2).status_code == 200:
+          break
+      except httpx.TransportError:
+        pass
+      assert time.time() < deadline, "the server did not come up"
+      time.sleep(0.2)
+    assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+    r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k"}, timeout=120,
+                   json={"model": "pagedjax-bundled", "prompt": "def ", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+  finally:
+    proc.terminate()
+    proc.wait(30)
+  out = open(tmp_path / "server.log").read()
+  assert f"http://127.0.0.1:{port} (the loopback only)" in out and "API key required" in out

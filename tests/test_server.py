@@ -361,3 +361,126 @@ def test_pool_json_shows_owners_while_running(live):
   assert "/v1/pool" in page and "owned-count" in page and "<script" in page
   assert "http" not in re.sub(r"https?://(127\.0\.0\.1|localhost)", "", page.split("<script")[1])
   _no_leak(live)
+
+
+# ----------------------------------------------------------------------- chat
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+            "{% if m['role'] == 'tool' %}{{ raise_exception('tool messages are not supported') }}"
+            "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+  from test_hf import CASES, build_tokenizer, write_checkpoint  # noqa: PLC0415
+
+  directory = tmp_path_factory.mktemp("chat") / "llama"
+  write_checkpoint(directory, "llama", build_tokenizer(CASES["llama"]["bos"] == "post_processor"))
+  cfg_path = directory / "tokenizer_config.json"
+  cfg = json.loads(cfg_path.read_text())
+  cfg_path.write_text(json.dumps(cfg | {"chat_template": TEMPLATE}))
+  kw = dict(num_blocks=32, max_num_seqs=4, max_num_batched_tokens=32)
+  srv = LiveServer(LLM(str(directory), **kw), model_name="llama-tiny")
+  yield srv, LLM(str(directory), **kw)
+  srv.close()
+
+
+def test_chat_renders_the_template_and_equals_offline(chat_server):
+  srv, ref = chat_server
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+  text = "<s>system: Be brief.\nuser: Hello\nassistant:"
+  ids = ref.tokenizer.encode(text, add_bos=False)
+  assert ids[0] == ref.tokenizer.bos_id and ids.count(ref.tokenizer.bos_id) == 1
+  want = ref.generate([ids], SamplingParams(max_tokens=8, temperature=0.0))[0].outputs[0]
+  c = srv.client()
+  r = c.chat.completions.create(model="llama-tiny", messages=messages, max_tokens=8,
+                                temperature=0, logprobs=True, top_logprobs=2)
+  assert r.choices[0].message.role == "assistant"
+  assert r.choices[0].message.content == want.text
+  assert r.usage.prompt_tokens == len(ids)
+  assert len(r.choices[0].logprobs.content) == len(want.token_ids)
+  assert all(len(t.top_logprobs) == 2 for t in r.choices[0].logprobs.content)
+  chunks = list(c.chat.completions.create(model="llama-tiny", messages=messages, max_tokens=8,
+                                          temperature=0, stream=True))
+  assert chunks[0].choices[0].delta.role == "assistant"
+  assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want.text
+  capped = c.chat.completions.create(model="llama-tiny", messages=messages,
+                                     max_completion_tokens=3, temperature=0)
+  assert capped.usage.completion_tokens <= 3
+
+
+def test_chat_bad_messages_and_template_errors_are_400(chat_server):
+  srv, _ = chat_server
+  c = srv.client()
+  with pytest.raises(openai.BadRequestError, match="tool messages are not supported"):
+    c.chat.completions.create(model="llama-tiny", max_tokens=2,
+                              messages=[{"role": "tool", "content": "x"}])
+  for messages in ([], [{"role": "wizard", "content": "x"}], [{"content": "x"}]):
+    r = httpx.post(srv.url + "/v1/chat/completions", headers=srv.headers, timeout=60,
+                   json={"messages": messages, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+  r = c.chat.completions.create(model="llama-tiny", max_tokens=2,
+                                messages=[{"role": "user", "content": "ok"}])
+  assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_chat_template_runs_sandboxed():
+  from pagedjax.entrypoints.openai.chat import ChatTemplate, ChatTemplateError  # noqa: PLC0415
+  from pagedjax.weights.tokenizer import ByteTokenizer  # noqa: PLC0415
+
+  evil = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}", ByteTokenizer())
+  with pytest.raises(ChatTemplateError):
+    evil.render([{"role": "user", "content": "x"}])
+  mutate = ChatTemplate("{% set _ = messages.append(1) %}x", ByteTokenizer())
+  with pytest.raises(ChatTemplateError):
+    mutate.render([{"role": "user", "content": "x"}])
+
+
+# ----------------------------------------------------------------- the page
+def _chromium() -> str | None:
+  import shutil  # noqa: PLC0415
+
+  return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))
+               if p), None)
+
+
+def test_pool_page_draws_the_pool_in_headless_chromium(live, tmp_path):
+  """Loads / in headless Chromium while a request runs: the DOM reports owned and shared
+  blocks, and a screenshot is taken. Skips (saying why) without a Chromium binary;
+  .ci/run installs Debian's `chromium` when it is missing."""
+  import subprocess  # noqa: PLC0415
+
+  browser = _chromium()
+  if browser is None:
+    pytest.skip("no chromium binary (apt-get install chromium); .ci/run installs it")
+  done = threading.Event()
+
+  def long_request():
+    try:
+      httpx.post(live.url + "/v1/completions", headers=live.headers, timeout=120, json={
+          "prompt": "def f(x):\n  return x + 1\n" * 2, "max_tokens": 300, "n": 2,
+          "ignore_eos": True})
+    finally:
+      done.set()
+
+  t = threading.Thread(target=long_request)
+  t.start()
+  try:
+    deadline = time.time() + 60
+    while live.metric("kv_blocks_used") == 0:
+      assert time.time() < deadline
+      time.sleep(0.05)
+    url = f"{live.url}/#key={KEY}"
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=900,700",
+             "--virtual-time-budget=3000"]
+    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=120)
+    shot = tmp_path / "pool.png"
+    subprocess.run(flags + [f"--screenshot={shot}", url], capture_output=True, timeout=120)
+  finally:
+    t.join()
+  counts = dict(re.findall(r'id="([a-z-]+-count)">(\d+)<', dom.stdout))
+  assert int(counts["owned-count"]) > 0 and int(counts["shared-count"]) > 0, dom.stdout[-2000:]
+  assert int(counts["running-count"]) >= 1
+  assert 'id="err"></span>' in dom.stdout  # the page fetched /v1/pool with the key
+  assert shot.exists() and shot.stat().st_size > 5000
+  _no_leak(live)

@@ -2,7 +2,7 @@
 
   POST /v1/completions, POST /v1/chat/completions (models with a chat template),
   GET /v1/models, /health, /metrics (Prometheus), /v1/pool (the block pool as JSON),
-  GET / (a live page of the pool).
+  GET / (a live page of the pool), POST /reset_prefix_cache (as vLLM's).
 
 Errors are OpenAI's object `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
 request (the field named), 401 for a missing / wrong API key, 404 for an unknown model,
@@ -308,6 +308,12 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
     snap["num_in_flight"] = engine.num_in_flight
     return snap
 
+  @app.post("/reset_prefix_cache")
+  async def reset_prefix_cache(request: Request):
+    """vLLM's route: drops every unreferenced cached block (benchmarks warm up with it)."""
+    check_auth(request)
+    return {"num_freed_blocks": await engine.call(lambda llm: llm.reset_prefix_cache())}
+
   @app.get("/")
   async def page():
     return HTMLResponse((STATIC / "pool.html").read_text())
@@ -413,6 +419,20 @@ class _Completion:
     return f"data: {json.dumps(obj)}\n\n"
 
   async def sse(self):
+    """The SSE body; a failure after the headers went out ends the stream with an error
+    event and [DONE] (the client's other requests and the engine go on)."""
+    events = self._events()
+    try:
+      async for event in events:
+        yield event
+    except Exception as e:  # noqa: BLE001
+      body = _error_body(500, f"internal error: {e}", "InternalServerError", None)
+      yield f"data: {json.dumps(body)}\n\n"
+      yield "data: [DONE]\n\n"
+    finally:
+      await events.aclose()
+
+  async def _events(self):
     merged: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, stream):
@@ -450,7 +470,7 @@ class _Completion:
           done = c.finish_reason is not None or out.finished
           upto = len(c.text) if done else max(sent_text.get(key, 0), len(c.text) - self.hold)
           start = sent_text.get(key, 0)
-          if key not in sent_text and self.body.echo and not self.chat:
+          if not self.chat and key not in sent_text and self.body.echo:
             delta = self.prompt_text(out.prompt, out.prompt_token_ids) + c.text[start:upto]
           else:
             delta = c.text[start:upto]
@@ -492,9 +512,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def run_server(llm, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                model_name: str = "pagedjax-bundled", max_queued_requests: int = 256,
-               max_body_bytes: int = 1 << 20, precompile: bool = True, log=print) -> None:
+               max_body_bytes: int = 1 << 20, precompile: bool = True, log=None) -> None:
   """Serves `llm` over HTTP until interrupted (uvicorn, one process, one engine thread)."""
   import uvicorn  # noqa: PLC0415  (only the server needs it)
+
+  log = log or (lambda msg: print(msg, flush=True))
 
   if precompile:
     log(f"compiling the engine's step programs (once, ~{llm.max_num_seqs} shapes)...")

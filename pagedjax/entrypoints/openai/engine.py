@@ -136,9 +136,12 @@ class EngineLoop:
     self._inbox.put(("add", (req, prompt, params), fut))
     try:
       await asyncio.wrap_future(fut)
-    except BaseException:
-      with self._lock:
-        self._num_in_flight -= 1
+    except BaseException:  # refused, or the handler was cancelled (client gone) meanwhile
+      if fut.cancel():  # never reached the engine
+        self._release()
+      else:  # refused (released here) or admitted after all (aborted, released by the abort)
+        fut.add_done_callback(
+            lambda f: self._release() if f.exception() is not None else self.abort(rid))
       raise
     return RequestStream(self, req)
 
@@ -191,6 +194,8 @@ class EngineLoop:
       except queue.Empty:
         return
       block = False
+      if fut is not None and not fut.set_running_or_notify_cancel():
+        continue  # cancelled before it was handled
       if kind == "add":
         req, prompt, params = arg
         try:
