@@ -145,6 +145,20 @@ def test_n_seed_logprobs_and_prompt_lists(live, ref):
   assert [ch.text for ch in again.choices] == [ch.text for ch in r.choices]
 
 
+def test_streamed_n2_sends_each_final_choice_once_with_text_offsets(live, ref):
+  chunks = list(live.client().completions.create(
+      model="tiny", prompt="import ", max_tokens=8, temperature=0.8, seed=5, n=2, logprobs=1,
+      stream=True))
+  want = _offline(ref, "import ", max_tokens=8, temperature=0.8, seed=5, n=2, logprobs=1)
+  for j in range(2):
+    mine = [c for ch in chunks for c in ch.choices if c.index == j]
+    assert [c.finish_reason for c in mine if c.finish_reason] == ["length"]
+    assert "".join(c.text for c in mine) == want.outputs[j].text
+    tokens = [t for c in mine for t in c.logprobs.tokens]
+    offsets = [o for c in mine for o in c.logprobs.text_offset]
+    assert len(tokens) == 8 and offsets == [sum(map(len, tokens[:k])) for k in range(8)]
+
+
 def test_stop_strings_streaming_and_not(live, ref):
   c = live.client()
   base = _offline(ref, "def ", max_tokens=24, temperature=0.0).outputs[0].text
@@ -198,6 +212,9 @@ def _post(live, body, headers=None, content=None):
     ({"prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": "x", "min_tokens": 20}, 400, "min_tokens"),
+    ({"prompt": "x", "stop": ["s"] * 17}, 400, "stop"),
+    ({"prompt": "x", "best_of": 3}, 400, "best_of"),
 ])
 def test_bad_requests_get_an_error_object_and_the_next_is_served(live, body, status, param):
   r = _post(live, body)
@@ -270,7 +287,8 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(live):
   t0 = time.time()
   _no_leak(live, timeout=1.0)
   assert time.time() - t0 <= 1.0
-  assert live.metric("request_success_total") >= 1
+  text = httpx.get(live.url + "/metrics").text
+  assert re.search(r'^pagedjax:request_success_total\{finished_reason="abort".*\} [1-9]', text, re.M)
 
 
 def test_64_concurrent_streaming_clients_match_offline_and_leak_nothing(live, ref):

@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import json
 import pathlib
+import re
 import secrets
 import time
 from typing import Any
@@ -54,15 +55,20 @@ def _bad(message: str, param: str | None = None) -> APIError:
 
 
 def _param_of(message: str, names) -> str | None:
-  """The request field a ValueError / TypeError message starts with or names, if any."""
+  """The request field a ValueError / TypeError message is about: the one it starts with,
+  else the first one it names."""
   for name in names:
-    if message.startswith(name) or f" {name} " in message or f" {name}=" in message:
+    if re.match(rf"{name}\b", message):
+      return name
+  for name in names:
+    if re.search(rf"(?<![\w\[=]){name}\b", message):
       return name
   return None
 
 
-_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "n", "stop_token_ids", "stop", "seed",
-           "min_tokens", "logprobs", "use_beam_search", "length_penalty", "prompt",
+_FIELDS = ("max_completion_tokens", "max_tokens", "min_tokens", "top_logprobs", "best_of",
+           "temperature", "top_p", "top_k", "n", "stop_token_ids", "stop", "seed",
+           "logprobs", "use_beam_search", "length_penalty", "prompt",
            "cache_salt", "presence_penalty", "frequency_penalty", "messages")
 
 
@@ -114,6 +120,24 @@ def server_stats(llm) -> dict:
   return s
 
 
+def _default_chat_max_tokens(llm, prompt_len: int, body) -> int:
+  """vLLM's default (the rest of the context), cut to what the KV cache can ever hold for
+  this request, so that omitting max_tokens is never refused."""
+  from pagedjax.core.scheduler import max_blocks_needed  # noqa: PLC0415
+
+  width = body.n
+  def fits(m):
+    return max_blocks_needed(prompt_len, m, width, block_size=llm.block_size,
+                             max_model_len=llm.max_model_len) <= llm.bm.num_blocks
+  lo, hi = 1, max(1, llm.max_model_len - prompt_len)
+  if fits(hi):
+    return hi
+  while lo < hi:  # largest m in [1, hi) that fits (1 if none: the engine then says why)
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+  return lo
+
+
 # ------------------------------------------------------------------- the app
 def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None,
               max_body_bytes: int = 1 << 20, max_prompts: int = 64) -> fastapi.FastAPI:
@@ -125,23 +149,19 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
   app.state.engine, app.state.metrics = engine, metrics
   created = int(time.time())
 
-  def on_step(_llm, outputs, _dt):
-    pass
+  def on_token(req, now: float, previous: float | None) -> None:
+    if previous is None:
+      metrics.ttft.observe(now - req.arrival)
+    else:
+      metrics.itl.observe(now - previous)
 
-  def on_finish(out: RequestOutput, req) -> None:
-    now = time.perf_counter()
+  def on_finish(out: RequestOutput | None, req, reason: str) -> None:
     metrics.prompt_tokens.inc(req.num_prompt_tokens)
     metrics.generation_tokens.inc(req.num_tokens)
-    reason = out.outputs[0].finish_reason if out.outputs else "abort"
-    metrics.request_success.labels(model_name, reason or "abort").inc()
-    if req.first_token is not None:
-      metrics.ttft.observe(req.first_token - req.arrival)
-      if req.num_tokens > 1 and req.last_token is not None:
-        steps = max(1, req.num_tokens // max(1, len(out.outputs)) - 1)
-        metrics.itl.observe((req.last_token - req.first_token) / steps)
-    metrics.e2e.observe(now - req.arrival)
+    metrics.request_success.labels(model_name, reason).inc()
+    metrics.e2e.observe(time.perf_counter() - req.arrival)
 
-  engine._on_step, engine._on_finish = on_step, on_finish
+  engine._on_token, engine._on_finish = on_token, on_finish
 
   @app.exception_handler(APIError)
   async def _api_error(_request, e: APIError):
@@ -149,14 +169,22 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
     return JSONResponse(_error_body(e.status, e.message, e.type, e.param), status_code=e.status,
                         headers=e.headers)
 
+  @app.exception_handler(Exception)
+  async def _internal_error(_request, e: Exception):
+    metrics.http_errors.labels(model_name, "500").inc()
+    return JSONResponse(_error_body(500, f"internal error: {e!r}", "InternalServerError", None),
+                        status_code=500)
+
   @app.exception_handler(fastapi.exceptions.RequestValidationError)
   async def _validation_error(_request, e):
+    metrics.http_errors.labels(model_name, "400").inc()
     err = e.errors()[0]
     return JSONResponse(_error_body(400, err.get("msg", "invalid request"), "BadRequestError",
                                     field_of(tuple(err.get("loc", ())))), status_code=400)
 
   @app.exception_handler(404)
   async def _not_found(request, _e):
+    metrics.http_errors.labels(model_name, "404").inc()
     return JSONResponse(_error_body(404, f"no route {request.method} {request.url.path}",
                                     "NotFoundError", None), status_code=404)
 
@@ -222,7 +250,7 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
       if isinstance(e, EngineDeadError):
         raise APIError(503, str(e), "ServiceUnavailable") from None
-      raise
+      raise APIError(500, f"internal error: {e!r}", "InternalServerError") from e
     return streams
 
   # ------------------------------------------------------------ completions
@@ -250,7 +278,7 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
     if body.stream:
       return StreamingResponse(gen.sse(), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"})
-    return JSONResponse(await gen.full(request))
+    return await gen.full(request)
 
   # ------------------------------------------------------------------- chat
   @app.post("/v1/chat/completions")
@@ -265,8 +293,8 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
       max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
           else body.max_tokens
       body.max_tokens = max_tokens
-      params = body.sampling_params(default_max_tokens=max(
-          1, llm.max_model_len - len(ids)), logprobs=body.chat_logprobs())
+      params = body.sampling_params(default_max_tokens=_default_chat_max_tokens(
+          llm, len(ids), body), logprobs=body.chat_logprobs())
     except (ValueError, TypeError) as e:
       raise _bad(str(e), _param_of(str(e), _FIELDS)) from None
     streams = await submit_all([ids], params, body.cache_salt)
@@ -276,7 +304,7 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
     if body.stream:
       return StreamingResponse(gen.sse(), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"})
-    return JSONResponse(await gen.full(request))
+    return await gen.full(request)
 
   # ------------------------------------------------------------------ other
   @app.get("/v1/models")
@@ -300,10 +328,16 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
       pass
     return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+  async def call(fn):
+    try:
+      return await engine.call(fn)
+    except EngineDeadError as e:
+      raise APIError(503, str(e), "ServiceUnavailable") from None
+
   @app.get("/v1/pool")
   async def pool(request: Request):
     check_auth(request)
-    snap = await engine.call(pool_snapshot)
+    snap = await call(pool_snapshot)
     snap["tokens_per_s"] = engine.recent_tokens_per_s()
     snap["num_in_flight"] = engine.num_in_flight
     return snap
@@ -312,7 +346,7 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
   async def reset_prefix_cache(request: Request):
     """vLLM's route: drops every unreferenced cached block (benchmarks warm up with it)."""
     check_auth(request)
-    return {"num_freed_blocks": await engine.call(lambda llm: llm.reset_prefix_cache())}
+    return {"num_freed_blocks": await call(lambda llm: llm.reset_prefix_cache())}
 
   @app.get("/")
   async def page():
@@ -335,7 +369,9 @@ class _Completion:
   def _index(self, prompt_i: int, j: int) -> int:
     return prompt_i * self.n + j
 
-  def _logprobs(self, c, start: int, tokenizer_text=None) -> Any:
+  def _logprobs(self, c, start: int, offset: int = 0) -> Any:
+    """Logprobs of tokens [start:] in the API's shape; `offset`: the text offset of the
+    first of them (completions' text_offset)."""
     if c.logprobs is None:
       return None
     lps = c.logprobs[start:]
@@ -351,11 +387,15 @@ class _Completion:
                                          for k, v in sorted(d.items(), key=lambda kv: kv[1].rank or 0)
                                          if v.rank is not None and v.rank <= (self.params.logprobs or 0)]})
       return {"content": content}
-    return {"tokens": [d[t].decoded_token or "" for t, d in zip(toks, lps)],
-            "token_logprobs": [d[t].logprob for t, d in zip(toks, lps)],
+    tokens = [d[t].decoded_token or "" for t, d in zip(toks, lps)]
+    offsets = []
+    for tok in tokens:
+      offsets.append(offset)
+      offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": [d[t].logprob for t, d in zip(toks, lps)],
             "top_logprobs": [{v.decoded_token or str(k): v.logprob for k, v in d.items()}
                              for d in lps],
-            "text_offset": []}
+            "text_offset": offsets}
 
   def _usage(self, finals: list[RequestOutput]) -> dict:
     p = sum(len(o.prompt_token_ids) for o in finals)
@@ -371,8 +411,9 @@ class _Completion:
       return {"index": index, "message": {"role": "assistant", "content": c.text},
               "logprobs": self._logprobs(c, 0), "finish_reason": reason,
               "stop_reason": c.stop_reason}
-    text = self.prompt_text(prompt_text, prompt_ids) + c.text if self.body.echo else c.text
-    return {"index": index, "text": text, "logprobs": self._logprobs(c, 0),
+    prefix = self.prompt_text(prompt_text, prompt_ids) if self.body.echo else ""
+    return {"index": index, "text": prefix + c.text,
+            "logprobs": self._logprobs(c, 0, len(prefix)),
             "finish_reason": reason, "stop_reason": c.stop_reason}
 
   async def _final(self, stream) -> RequestOutput:
@@ -381,7 +422,8 @@ class _Completion:
       last = out
     return last
 
-  async def full(self, request: Request) -> dict:
+  async def full(self, request: Request) -> Response:
+    """The whole response; a client that goes away meanwhile has its requests aborted."""
     tasks = [asyncio.ensure_future(self._final(s)) for s in self.streams]
     watch = asyncio.ensure_future(_wait_disconnect(request))
     try:
@@ -389,16 +431,18 @@ class _Completion:
         await asyncio.wait([t for t in tasks if not t.done()] + [watch],
                            return_when=asyncio.FIRST_COMPLETED)
         if watch.done():  # the client went away: free its blocks now
-          raise asyncio.CancelledError
+          return Response(status_code=499)
+        if any(t.done() and t.exception() is not None for t in tasks):
+          break
       finals = [t.result() for t in tasks]
-    except BaseException:
-      for s in self.streams:
-        s.abort()
-      for t in tasks:
-        t.cancel()
-      raise
+    except EngineDeadError as e:
+      raise APIError(503, str(e), "ServiceUnavailable") from None
     finally:
       watch.cancel()
+      for s in self.streams:
+        s.abort()  # no-op for finished ones
+      for t in tasks:
+        t.cancel()
     errors = [o.error for o in finals if o.error]
     if errors:
       raise APIError(500, f"the request failed inside the engine: {errors[0]}",
@@ -407,9 +451,9 @@ class _Completion:
     for i, o in enumerate(finals):
       for j, c in enumerate(o.outputs):
         choices.append(self._choice(self._index(i, j), c, o.prompt, o.prompt_token_ids))
-    return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
-            "created": self.created, "model": self.model, "choices": choices,
-            "usage": self._usage(finals)}
+    return JSONResponse({"id": self.rid, "created": self.created, "model": self.model,
+                         "object": "chat.completion" if self.chat else "text_completion",
+                         "choices": choices, "usage": self._usage(finals)})
 
   def _chunk(self, choices: list, usage=None) -> str:
     obj = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -433,7 +477,9 @@ class _Completion:
       await events.aclose()
 
   async def _events(self):
-    merged: asyncio.Queue = asyncio.Queue()
+    # Bounded: with a slow client, the pumps wait here and each request's mailbox keeps
+    # only its newest (cumulative) output, so memory stays flat.
+    merged: asyncio.Queue = asyncio.Queue(maxsize=2 * len(self.streams) + 2)
 
     async def pump(i, stream):
       try:
@@ -446,7 +492,9 @@ class _Completion:
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
     sent_text: dict[tuple[int, int], int] = {}
     sent_lp: dict[tuple[int, int], int] = {}
+    sent_offset: dict[tuple[int, int], int] = {}
     finals: dict[int, RequestOutput] = {}
+    closed: set[tuple[int, int]] = set()  # choices whose final chunk went out
     open_streams = len(self.streams)
     try:
       if self.chat:
@@ -465,6 +513,8 @@ class _Completion:
         choices = []
         for j, c in enumerate(out.outputs):
           key = (i, j)
+          if key in closed:
+            continue
           if self.params.use_beam_search and not out.finished:
             continue  # beams change until the end: send the best ones when they finish
           done = c.finish_reason is not None or out.finished
@@ -475,11 +525,15 @@ class _Completion:
           else:
             delta = c.text[start:upto]
           sent_text[key] = upto
-          lp = self._logprobs(c, sent_lp.get(key, 0))
+          lp = self._logprobs(c, sent_lp.get(key, 0), sent_offset.get(key, 0))
+          if lp is not None and not self.chat:
+            sent_offset[key] = sent_offset.get(key, 0) + sum(len(t) for t in lp["tokens"])
           sent_lp[key] = len(c.token_ids)
           if not delta and not done and not (lp and (lp.get("tokens") or lp.get("content"))):
             continue
           reason = c.finish_reason if done else None
+          if done:
+            closed.add(key)
           if self.chat:
             choices.append({"index": self._index(i, j), "delta": {"content": delta},
                             "logprobs": lp, "finish_reason": reason})

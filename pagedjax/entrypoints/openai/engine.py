@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import dataclasses
 import itertools
 import logging
 import queue
@@ -40,20 +39,31 @@ class EngineDeadError(RuntimeError):
   """The engine thread has stopped."""
 
 
-@dataclasses.dataclass
 class _Request:
-  request_id: str
-  loop: asyncio.AbstractEventLoop
-  queue: asyncio.Queue
-  arrival: float
-  num_prompt_tokens: int = 0
-  first_token: float | None = None
-  last_token: float | None = None
-  num_tokens: int = 0
+  """One admitted request: its mailbox (the latest cumulative output only, so a slow
+  reader costs one output of memory, not one per step) and its timing."""
+
+  def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, arrival: float):
+    self.request_id, self.loop, self.arrival = request_id, loop, arrival
+    self.latest: Any = None
+    self.ready = asyncio.Event()
+    self.num_prompt_tokens = 0
+    self.first_token: float | None = None
+    self.last_token: float | None = None
+    self.num_tokens = 0
+
+  def deliver(self, item) -> None:  # on the request's event loop
+    if isinstance(self.latest, BaseException) or (
+        isinstance(self.latest, RequestOutput) and self.latest.finished):
+      return  # the final item stays
+    self.latest = item
+    self.ready.set()
 
 
 class RequestStream:
-  """Outputs of one request as the engine produces them (cumulative RequestOutputs)."""
+  """Outputs of one request as the engine produces them (cumulative RequestOutputs; a
+  reader slower than the engine skips to the newest). A stream dropped before it finished
+  (e.g. a response that never started because the client left) aborts its request."""
 
   def __init__(self, engine: "EngineLoop", req: _Request):
     self._engine, self._req = engine, req
@@ -66,7 +76,9 @@ class RequestStream:
   async def __anext__(self) -> RequestOutput:
     if self.finished:
       raise StopAsyncIteration
-    item = await self._req.queue.get()
+    await self._req.ready.wait()
+    self._req.ready.clear()
+    item = self._req.latest
     if isinstance(item, BaseException):
       self.finished = True
       raise item
@@ -79,6 +91,10 @@ class RequestStream:
       self.finished = True
       self._engine.abort(self.request_id)
 
+  def __del__(self):
+    if not getattr(self, "finished", True):
+      self._engine.abort(self.request_id)
+
 
 class EngineLoop:
   """Runs `llm` on a daemon thread; see the module docstring.
@@ -87,18 +103,21 @@ class EngineLoop:
     llm: the engine (used only from the loop's thread once started).
     max_queued_requests: requests allowed to wait beyond max_num_seqs running ones.
     on_step: called on the engine thread after each step with (llm, outputs, step_s).
-    on_finish: called on the engine thread for each finished request with
-      (output, ttft_s, e2e_s, inter_token_s list).
+    on_token: called on the engine thread for each request a step gave tokens, with
+      (request, now, previous token time or None).
+    on_finish: called on the engine thread for each request that ended (finished, failed
+      or aborted) with (its last output or None, request, reason).
   """
 
   def __init__(self, llm: LLM, *, max_queued_requests: int = 256,
-               on_step: Callable | None = None, on_finish: Callable | None = None):
+               on_step: Callable | None = None, on_token: Callable | None = None,
+               on_finish: Callable | None = None):
     if isinstance(max_queued_requests, bool) or not isinstance(max_queued_requests, int) \
         or max_queued_requests < 0:
       raise ValueError(f"max_queued_requests must be an int >= 0, got {max_queued_requests!r}")
     self.llm = llm
     self.max_in_flight = llm.max_num_seqs + max_queued_requests
-    self._on_step, self._on_finish = on_step, on_finish
+    self._on_step, self._on_token, self._on_finish = on_step, on_token, on_finish
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self._requests: dict[str, _Request] = {}
     self._lock = threading.Lock()
@@ -131,9 +150,9 @@ class EngineLoop:
       self._num_in_flight += 1
     loop = asyncio.get_running_loop()
     rid = request_id or f"req-{next(self._ids)}"
-    req = _Request(rid, loop, asyncio.Queue(), time.perf_counter())
+    req = _Request(rid, loop, time.perf_counter())
     fut: concurrent.futures.Future = concurrent.futures.Future()
-    self._inbox.put(("add", (req, prompt, params), fut))
+    self._post(("add", (req, prompt, params), fut))
     try:
       await asyncio.wrap_future(fut)
     except BaseException:  # refused, or the handler was cancelled (client gone) meanwhile
@@ -153,8 +172,13 @@ class EngineLoop:
     if not self.alive:
       raise EngineDeadError("the engine has stopped")
     fut: concurrent.futures.Future = concurrent.futures.Future()
-    self._inbox.put(("call", fn, fut))
+    self._post(("call", fn, fut))
     return await asyncio.wrap_future(fut)
+
+  def _post(self, message) -> None:
+    self._inbox.put(message)
+    if not self.alive:  # died meanwhile: the dying loop may have drained the inbox already
+      self._fail_inbox()
 
   def shutdown(self, timeout: float = 10.0) -> None:
     self._stop.set()
@@ -163,6 +187,7 @@ class EngineLoop:
 
   # ------------------------------------------------------------- engine side
   def _run(self) -> None:
+    error: BaseException = EngineDeadError("the engine was shut down")
     try:
       while not self._stop.is_set():
         busy = self.llm.has_unfinished_requests()
@@ -174,17 +199,21 @@ class EngineLoop:
     except BaseException as e:  # noqa: BLE001  (a bug in the loop itself: fail everyone)
       log.exception("engine loop died")
       self.error = e
-      self._stop.set()
-      for req in list(self._requests.values()):
-        self._send(req, RuntimeError(f"engine stopped: {e}"))
-      self._requests.clear()
-      while True:
-        try:
-          _, _, fut = self._inbox.get_nowait()
-        except queue.Empty:
-          break
-        if fut is not None and not fut.done():
-          fut.set_exception(EngineDeadError("the engine has stopped"))
+      error = EngineDeadError(f"the engine stopped: {e!r}")
+    self._stop.set()
+    for req in list(self._requests.values()):
+      self._send(req, error)
+    self._requests.clear()
+    self._fail_inbox()
+
+  def _fail_inbox(self) -> None:
+    while True:
+      try:
+        _, _, fut = self._inbox.get_nowait()
+      except queue.Empty:
+        return
+      if fut is not None and fut.set_running_or_notify_cancel():
+        fut.set_exception(EngineDeadError("the engine has stopped"))
 
   def _drain(self, *, block: bool) -> None:
     """Handles every queued message (waits for one first when the engine is idle)."""
@@ -216,9 +245,12 @@ class EngineLoop:
         self._requests[req.request_id] = req
         fut.set_result(None)
       elif kind == "abort":
-        if self._requests.pop(arg, None) is not None:
+        req = self._requests.pop(arg, None)
+        if req is not None:
           self.llm.abort_request(arg)
           self._release()
+          if self._on_finish is not None:
+            self._on_finish(None, req, "abort")
       elif kind == "call":
         try:
           fut.set_result(arg(self.llm))
@@ -241,6 +273,8 @@ class EngineLoop:
       n = sum(len(o.token_ids) for o in out.outputs)
       if n > req.num_tokens:
         new_tokens += n - req.num_tokens
+        if self._on_token is not None:
+          self._on_token(req, now, req.last_token)
         if req.first_token is None:
           req.first_token = now
         req.last_token = now
@@ -250,7 +284,9 @@ class EngineLoop:
         del self._requests[out.request_id]
         self._release()
         if self._on_finish is not None:
-          self._on_finish(out, req)
+          reason = "error" if out.error else (out.outputs[0].finish_reason if out.outputs
+                                              else None) or "abort"
+          self._on_finish(out, req, reason)
     self.tokens_per_s.append((now, new_tokens))
     if self._on_step is not None:
       self._on_step(self.llm, outputs, now - t0)
@@ -258,7 +294,7 @@ class EngineLoop:
   @staticmethod
   def _send(req: _Request, item) -> None:
     try:
-      req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+      req.loop.call_soon_threadsafe(req.deliver, item)
     except RuntimeError:  # the handler's event loop is closed
       pass
 

@@ -33,6 +33,10 @@ class StreamOptions(BaseModel):
   continuous_usage_stats: bool = False
 
 
+# Bounds that keep one request's per-token host work small (every stop string is searched
+# for in each new token's text window).
+MAX_STOP_STRINGS, MAX_STOP_LEN, MAX_STOP_TOKEN_IDS = 16, 256, 64
+
 # strict ints (a JSON 1.5 or "3" is not a token count); floats accept JSON integers.
 StrictInt = pydantic.StrictInt
 TokenIds = list[StrictInt]
@@ -62,6 +66,23 @@ class _SamplingFields(BaseModel):
   # accepted for the OpenAI API's sake; 0 is the only value this engine implements
   presence_penalty: float | None = None
   frequency_penalty: float | None = None
+
+  @pydantic.field_validator("stop")
+  @classmethod
+  def _bounded_stop(cls, v):
+    strings = [v] if isinstance(v, str) else v or []
+    if len(strings) > MAX_STOP_STRINGS:
+      raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(strings)}")
+    if any(len(x) > MAX_STOP_LEN for x in strings):
+      raise ValueError(f"stop strings must be at most {MAX_STOP_LEN} characters")
+    return v
+
+  @pydantic.field_validator("stop_token_ids")
+  @classmethod
+  def _bounded_stop_ids(cls, v):
+    if v is not None and len(v) > MAX_STOP_TOKEN_IDS:
+      raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(v)}")
+    return v
 
   def sampling_params(self, *, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
     """The engine's SamplingParams (its checks raise ValueError / TypeError naming the field)."""
