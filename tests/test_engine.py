@@ -86,6 +86,28 @@ def test_stop_conditions(llm):
   assert tok not in c.token_ids[:10]
 
 
+def test_stop_string_completed_by_the_last_allowed_token_still_stops(llm):
+  sp = dict(max_tokens=12, temperature=0.0)
+  text = llm.generate("The Python ", SamplingParams(**sp))[0].outputs[0].text
+  stop = text[-2:]  # the 12th token completes it (byte tokens: one character each)
+  c = llm.generate("The Python ", SamplingParams(**sp, stop=[stop]))[0].outputs[0]
+  assert c.finish_reason == "stop" and c.stop_reason == stop
+  assert c.text == text[:text.find(stop)]
+
+
+def test_a_stop_string_before_min_tokens_does_not_count_later(llm):
+  base = llm.generate("The Python ", SamplingParams(max_tokens=16, temperature=0.0))[0].outputs[0]
+  stop = base.text[1:3]  # inside the first 3 tokens, i.e. before min_tokens
+  c = llm.generate("The Python ", SamplingParams(max_tokens=16, temperature=0.0, min_tokens=8,
+                                                 stop=[stop]))[0].outputs[0]
+  assert len(c.token_ids) >= 8 and base.text.startswith(c.text)
+  # searched from min_tokens' new text on (minus the stop's length), never before
+  seven = llm.tokenizer.decode(base.token_ids[:7])
+  assert len(c.text) >= len(seven) - len(stop)
+  if c.finish_reason == "stop":
+    assert c.text == base.text[:base.text.find(stop, len(seven) - len(stop))]
+
+
 def test_streaming_step_api(llm):
   rid = llm.add_request("stream-1", "The Python ", SamplingParams(max_tokens=6, temperature=0.0))
   seen = []

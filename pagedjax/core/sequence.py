@@ -50,8 +50,9 @@ class Sequence:
     # Set when a stop string ends the sequence: the text before it. Otherwise the text
     # is the detokenized output, computed when an output is built.
     self.output_text: str | None = None
-    # Characters of detokenized text seen by the last stop-string check.
+    # Characters of detokenized text, and output tokens, seen by the last stop-string check.
     self.num_text_chars = 0
+    self.num_stop_checked = 0
     # The engine's incremental detokenizer of the output and its built logprob dicts
     # (caches of the output processor, rebuilt on demand: not copied by fork).
     self.detokenizer = None
@@ -89,6 +90,7 @@ class Sequence:
     child.num_computed_tokens = self.num_computed_tokens
     child.output_text = self.output_text
     child.num_text_chars = self.num_text_chars
+    child.num_stop_checked = self.num_stop_checked
     child.status = self.status
     return child
 

@@ -335,8 +335,8 @@ class LLM:
     groups = []
     if out is not None:
       groups = self.scheduler.update_from_output(so, StepResult(*out), on_error=self._failed)
-      for group in groups:
-        if not group.is_finished and not group.params.use_beam_search and group.params.stop:
+      for group in groups:  # incl. groups this step finished: a last token may end in a stop
+        if not group.params.use_beam_search and group.params.stop and group.error is None:
           try:
             self._check_stop_strings(group)
           except Exception as e:  # noqa: BLE001
@@ -381,18 +381,31 @@ class LLM:
     """Ends sequences whose new text contains a stop string (the text before it is kept)."""
     p = group.params
     longest = max(len(s) for s in p.stop)
-    for seq in group.live_seqs:
-      if seq.num_computed_tokens != seq.num_tokens - 1 or len(seq.output_token_ids) < p.min_tokens:
-        continue  # no new token this step, or stops not allowed yet
+    for seq in group.seqs:
+      # Running sequences, and those that just hit max_tokens: the token that ended one
+      # may complete a stop string (then it ends by "stop", the stop string cut).
+      if seq.finish_reason not in (None, "length"):
+        continue
+      n = len(seq.output_token_ids)
+      if n == seq.num_stop_checked:
+        continue  # no new token since the last check
+      seq.num_stop_checked = n
       text = self._stream_text(seq)
       # Search where a new match can start: the new text plus the longest stop before it.
+      # Before min_tokens the text is tracked but not searched (as vLLM: a stop string
+      # that ended before min_tokens does not count later).
       tail_from = max(0, seq.num_text_chars - longest)
       seq.num_text_chars = len(text)
+      if n < p.min_tokens:
+        continue
       for s in p.stop:
         at = text.find(s, tail_from)
         if at >= 0:
           seq.output_text = text[:at]
-          self.scheduler.finish_seq(seq, "stop", s)
+          if seq.finish_reason is None:
+            self.scheduler.finish_seq(seq, "stop", s)
+          else:  # finished by length this step, blocks already freed
+            seq.finish_reason, seq.stop_reason = "stop", s
           break
 
   def _account(self, so, start: float) -> None:
