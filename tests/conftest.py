@@ -1,0 +1,43 @@
+"""Session settings for the test suite: faster XLA compiles, which are most of its time.
+
+* XLA's CPU backend compiles at LLVM -O0 (`--xla_backend_optimization_level=0`): about a
+  quarter less compile time per step program here. It changes code generation only, not
+  the HLO (XLA's fast math stays off), and every exactness test compares paths compiled
+  under the same flags. Benchmarks (bench/) keep the default; the quick bench runs the
+  tests make assert no timing.
+* With pytest-xdist, the workers of one run share a persistent compilation cache (a fresh
+  temporary directory per run, removed at its end), so a program one worker compiled is
+  loaded, not compiled again, by the other. A run without xdist needs none: compiled
+  programs are already shared within a process.
+Subprocesses the tests start (main.py) inherit both through the environment.
+"""
+
+import os
+import shutil
+import tempfile
+
+_FLAG = "--xla_backend_optimization_level=0"
+_CACHE_ENV = "PAGEDJAX_TEST_XLA_CACHE"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+if os.environ.get(_CACHE_ENV):  # an xdist worker of a run that made one
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_configure(config):
+  if hasattr(config, "workerinput"):  # a worker: the controller made the directory
+    return
+  if getattr(config.option, "numprocesses", None) and not os.environ.get(_CACHE_ENV):
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="pagedjax-xla-cache-")
+    config._pagedjax_cache = os.environ[_CACHE_ENV]
+
+
+def pytest_unconfigure(config):
+  path = getattr(config, "_pagedjax_cache", None)
+  if path:
+    shutil.rmtree(path, ignore_errors=True)
+    os.environ.pop(_CACHE_ENV, None)
