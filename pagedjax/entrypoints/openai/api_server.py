@@ -253,6 +253,17 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
       raise APIError(500, f"internal error: {e!r}", "InternalServerError") from e
     return streams
 
+  async def respond(request: Request, body, params, prompts: list, *, chat: bool):
+    """Submits the prompts and answers: an SSE stream, or the whole response."""
+    streams = await submit_all(prompts, params, body.cache_salt)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
+    gen = _Completion(rid, created, model_name, body, params, streams, chat=chat,
+                      decode=llm._decode)
+    if body.stream:
+      return StreamingResponse(gen.sse(), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache"})
+    return await gen.full(request)
+
   # ------------------------------------------------------------ completions
   @app.post("/v1/completions")
   async def completions(request: Request):
@@ -271,14 +282,7 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
                                     logprobs=body.logprobs)
     except (ValueError, TypeError) as e:
       raise _bad(str(e), _param_of(str(e), _FIELDS)) from None
-    streams = await submit_all(prompts, params, body.cache_salt)
-    rid = f"cmpl-{secrets.token_hex(12)}"
-    gen = _Completion(rid, created, model_name, body, params, streams, chat=False,
-                      decode=llm._decode)
-    if body.stream:
-      return StreamingResponse(gen.sse(), media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache"})
-    return await gen.full(request)
+    return await respond(request, body, params, prompts, chat=False)
 
   # ------------------------------------------------------------------- chat
   @app.post("/v1/chat/completions")
@@ -297,14 +301,7 @@ def build_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None
           llm, len(ids), body), logprobs=body.chat_logprobs())
     except (ValueError, TypeError) as e:
       raise _bad(str(e), _param_of(str(e), _FIELDS)) from None
-    streams = await submit_all([ids], params, body.cache_salt)
-    rid = f"chatcmpl-{secrets.token_hex(12)}"
-    gen = _Completion(rid, created, model_name, body, params, streams, chat=True,
-                      decode=llm._decode)
-    if body.stream:
-      return StreamingResponse(gen.sse(), media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache"})
-    return await gen.full(request)
+    return await respond(request, body, params, [ids], chat=True)
 
   # ------------------------------------------------------------------ other
   @app.get("/v1/models")

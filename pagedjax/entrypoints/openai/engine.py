@@ -102,7 +102,6 @@ class EngineLoop:
   Args:
     llm: the engine (used only from the loop's thread once started).
     max_queued_requests: requests allowed to wait beyond max_num_seqs running ones.
-    on_step: called on the engine thread after each step with (llm, outputs, step_s).
     on_token: called on the engine thread for each request a step gave tokens, with
       (request, now, previous token time or None).
     on_finish: called on the engine thread for each request that ended (finished, failed
@@ -110,14 +109,13 @@ class EngineLoop:
   """
 
   def __init__(self, llm: LLM, *, max_queued_requests: int = 256,
-               on_step: Callable | None = None, on_token: Callable | None = None,
-               on_finish: Callable | None = None):
+               on_token: Callable | None = None, on_finish: Callable | None = None):
     if isinstance(max_queued_requests, bool) or not isinstance(max_queued_requests, int) \
         or max_queued_requests < 0:
       raise ValueError(f"max_queued_requests must be an int >= 0, got {max_queued_requests!r}")
     self.llm = llm
     self.max_in_flight = llm.max_num_seqs + max_queued_requests
-    self._on_step, self._on_token, self._on_finish = on_step, on_token, on_finish
+    self._on_token, self._on_finish = on_token, on_finish
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self._requests: dict[str, _Request] = {}
     self._lock = threading.Lock()
@@ -262,7 +260,6 @@ class EngineLoop:
       self._num_in_flight -= 1
 
   def _step(self) -> None:
-    t0 = time.perf_counter()
     outputs = self.llm.step()
     now = time.perf_counter()
     new_tokens = 0
@@ -288,8 +285,6 @@ class EngineLoop:
                                               else None) or "abort"
           self._on_finish(out, req, reason)
     self.tokens_per_s.append((now, new_tokens))
-    if self._on_step is not None:
-      self._on_step(self.llm, outputs, now - t0)
 
   @staticmethod
   def _send(req: _Request, item) -> None:
