@@ -19,9 +19,18 @@ Design:
   * k_splits > 1 (split-K / flash-decoding) splits the block table over a grid axis so
     short batches still fill the GPU; each split writes its normalised output with its
     row max `m` and denominator `l`, and a log-sum-exp combine in jnp merges them.
+  * Quantized pages (int8 or float8_e4m3fn, with one float32 scale per token and kv
+    head: real value = values * scale) are read as they are stored: each step gathers
+    the [block_k] scale tile through the same page ids as the page tile and applies
+    it outside the dots, to the score columns (q . k_values) * k_scale and to the
+    probabilities (p * v_scale) . v_values, which equals dequantizing the tiles but
+    costs [group_pad, block_k] multiplies instead of [block_k, head_dim]. The values
+    are converted exactly to q's dtype (float32, or bfloat16 / float16) for the dot,
+    in registers: HBM traffic stays 1 byte per element. The Pallas Triton lowering
+    casts float8_e4m3fn only on compute capability >= 8.9 (Ada, Hopper); int8 works
+    everywhere.
 
-It does not do prefill (several query tokens per sequence), quantised pages, or
-logit soft-capping.
+It does not do prefill (several query tokens per sequence) or logit soft-capping.
 """
 
 import functools
@@ -41,6 +50,8 @@ DEFAULT_BLOCK_K = 64
 # key has been seen yet (empty splits, length 0).
 _M_INIT = float(jnp.finfo(jnp.float32).min)
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Page dtypes that carry per-token float32 scales (q then stays in _SUPPORTED_DTYPES).
+QUANTIZED_DTYPES = (jnp.int8, jnp.float8_e4m3fn)
 
 
 def paged_attention_kernel(
@@ -53,13 +64,20 @@ def paged_attention_kernel(
     *stats_refs,  # k_splits > 1 only: m_ref [group_pad], l_ref [group_pad] (float32)
     sm_scale: float,
     pages_per_compute_block: int,
+    k_scales_ref=None,  # quantized pages only: [num_pages, page_size] float32
+    v_scales_ref=None,  # [num_pages, page_size] float32
 ):
-  """Online-softmax attention of one GQA group over one split of a block table."""
+  """Online-softmax attention of one GQA group over one split of a block table.
+
+  With k_scales_ref / v_scales_ref the pages are int8 or float8_e4m3fn values whose
+  real value is values * scale (one scale per token).
+  """
   group_pad, head_dim = q_ref.shape
   page_size = k_pages_ref.shape[1]
   pages_per_split = block_table_ref.shape[0]
   block_k = pages_per_compute_block * page_size
 
+  quantized = k_scales_ref is not None
   length = length_ref[0]
   first_page = pl.program_id(2) * pages_per_split
   # Pages of this split that hold at least one position < length.
@@ -78,20 +96,31 @@ def paged_attention_kernel(
     k = k_pages_ref[page_ids].reshape(block_k, head_dim)
     v = v_pages_ref[page_ids].reshape(block_k, head_dim)
     valid = (first_page + page) * page_size + jnp.arange(block_k) < length  # [block_k]
+    if quantized:
+      # Scales of unused slots may be garbage (NaN, inf): zero them like V below.
+      k_scale = jnp.where(valid, k_scales_ref[page_ids].reshape(block_k), 0.0)
+      v_scale = jnp.where(valid, v_scales_ref[page_ids].reshape(block_k), 0.0)
+      # int8 and float8_e4m3fn convert exactly to float32, bfloat16 and float16.
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
 
     s = lax.dot_general(  # [group_pad, block_k]; HIGHEST: IEEE f32, not TF32.
         q, k, (((1,), (1,)), ((), ())),
         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    if quantized:
+      s = s * k_scale[None, :]  # (q . k_values) * k_scale == q . (k_values * k_scale)
     s = jnp.where(valid[None, :], s * sm_scale, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[:, None])
+    l_new = l * alpha + p.sum(axis=1)
     # p is 0 at masked positions, but 0 * NaN garbage in V would still be NaN.
     v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
+    if quantized:
+      p = p * v_scale[None, :]  # (p * v_scale) . v_values == p . (v_values * v_scale)
     pv = lax.dot_general(
         p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    return acc * alpha[:, None] + pv, m_new, l * alpha + p.sum(axis=1)
+    return acc * alpha[:, None] + pv, m_new, l_new
 
   init = (
       jnp.zeros((group_pad, head_dim), jnp.float32),
@@ -114,6 +143,8 @@ def _paged_attention_call(
     v_pages,  # [num_kv_heads, num_pages, page_size, head_dim]
     block_tables,  # i32[batch, k_splits * pages_per_split]
     lengths,  # i32[batch]
+    k_scales=None,  # quantized pages only: f32[num_kv_heads, num_pages, page_size]
+    v_scales=None,  # f32[num_kv_heads, num_pages, page_size]
     *,
     sm_scale: float,
     pages_per_compute_block: int,
@@ -126,7 +157,8 @@ def _paged_attention_call(
 
   Returns o [batch, num_kv_heads, group_pad, head_dim] in q.dtype when k_splits == 1,
   else (o, m, l): o [k_splits, batch, num_kv_heads, group_pad, head_dim] and
-  m, l [k_splits, batch, num_kv_heads, group_pad], all float32.
+  m, l [k_splits, batch, num_kv_heads, group_pad], all float32. With scales, the
+  pages are quantized and each kv head's scales are passed whole like its pages.
   """
   batch, num_kv_heads, group_pad, head_dim = q.shape
   _, num_pages, page_size, _ = k_pages.shape
@@ -165,6 +197,14 @@ def _paged_attention_call(
       sm_scale=sm_scale,
       pages_per_compute_block=pages_per_compute_block,
   )
+  inputs = [q, k_pages, v_pages, block_tables, lengths]
+  if k_scales is not None:
+    # The scale pools go right after the page pools; the kernel takes them by name.
+    scales_spec = pl.BlockSpec(
+        (None, num_pages, page_size), lambda b, h, s: (h, 0, 0))
+    in_specs[3:3] = [scales_spec, scales_spec]
+    inputs[3:3] = [k_scales, v_scales]
+    kernel = functools.partial(with_scale_refs, kernel)
   return pl.pallas_call(
       kernel,
       grid=(batch, num_kv_heads, k_splits),
@@ -175,33 +215,73 @@ def _paged_attention_call(
           num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"paged_attention_bk{pages_per_compute_block * page_size}",
-  )(q, k_pages, v_pages, block_tables, lengths)
+  )(*inputs)
+
+
+def with_scale_refs(kernel, q_ref, k_pages_ref, v_pages_ref, k_scales_ref, v_scales_ref,
+                    *refs, **kwargs):
+  """The refs of a quantized call (scale pools after the page pools) as `kernel`
+  takes them: scales by keyword, every other ref where it is without scales."""
+  return kernel(q_ref, k_pages_ref, v_pages_ref, *refs, k_scales_ref=k_scales_ref,
+                v_scales_ref=v_scales_ref, **kwargs)
 
 
 def _is_power_of_two(n: int) -> bool:
   return n >= 1 and n & (n - 1) == 0
 
 
-def check_pages_and_dtypes(q, k_pages, v_pages) -> None:
-  """The checks both paged kernels share: K and V pages alike, one supported dtype."""
+def is_quantized(dtype) -> bool:
+  """Whether pages of this dtype are quantized (int8 / float8_e4m3fn with scales)."""
+  return jnp.dtype(dtype) in QUANTIZED_DTYPES
+
+
+def check_pages_and_dtypes(q, k_pages, v_pages, k_scales=None, v_scales=None) -> None:
+  """The checks both paged kernels share: K and V pages alike, one supported dtype,
+  and scales exactly when the pages are quantized.
+
+  Unquantized pages have q's dtype, one of float32, bfloat16, float16, and no scales.
+  Quantized pages (both int8 or both float8_e4m3fn) need k_scales and v_scales,
+  float32 and shaped like the pages without their last (head_dim) axis; q is then
+  any of the three float dtypes.
+  """
   if v_pages.shape != k_pages.shape:
     raise ValueError(f"k_pages and v_pages shapes differ: {k_pages.shape} vs"
                      f" {v_pages.shape}")
-  if not q.dtype == k_pages.dtype == v_pages.dtype:
-    raise ValueError(f"q, k_pages, v_pages dtypes differ: {q.dtype}, {k_pages.dtype},"
-                     f" {v_pages.dtype}")
+  if not is_quantized(k_pages.dtype) or k_pages.dtype != v_pages.dtype:
+    if not q.dtype == k_pages.dtype == v_pages.dtype:
+      raise ValueError(f"q, k_pages, v_pages dtypes differ: {q.dtype}, {k_pages.dtype},"
+                       f" {v_pages.dtype}")
+    if k_scales is not None or v_scales is not None:
+      raise ValueError(
+          "k_scales / v_scales are only for int8 or float8_e4m3fn pages, got"
+          f" {k_pages.dtype} pages with k_scales {_describe(k_scales)}, v_scales"
+          f" {_describe(v_scales)}")
+  else:
+    scales_shape = k_pages.shape[:-1]
+    for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+      if (scales is None or scales.shape != scales_shape
+          or scales.dtype != jnp.float32):
+        raise ValueError(
+            f"{k_pages.dtype} pages {k_pages.shape} need {name} float32"
+            f"{list(scales_shape)} (one scale per token and kv head), got"
+            f" {_describe(scales)}")
   if q.dtype not in _SUPPORTED_DTYPES:
     raise ValueError(f"dtype must be float32, bfloat16 or float16, got {q.dtype}")
 
 
-def _check_inputs(q, k_pages, v_pages, block_tables, lengths):
+def _describe(x) -> str:
+  """dtype[shape] of an array, or None."""
+  return "None" if x is None else f"{x.dtype}{list(x.shape)}"
+
+
+def _check_inputs(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales):
   """Raises ValueError on inconsistent ranks, shapes or dtypes."""
   if q.ndim != 3:
     raise ValueError(f"q must be [batch, num_heads, head_dim], got shape {q.shape}")
   if k_pages.ndim != 4:
     raise ValueError("k_pages must be [num_kv_heads, num_pages, page_size, head_dim],"
                      f" got shape {k_pages.shape}")
-  check_pages_and_dtypes(q, k_pages, v_pages)
+  check_pages_and_dtypes(q, k_pages, v_pages, k_scales, v_scales)
   batch, num_heads, head_dim = q.shape
   num_kv_heads, num_pages, _, page_head_dim = k_pages.shape
   if num_pages < 1:
@@ -266,6 +346,8 @@ def paged_attention(
     lengths: jax.Array,
     *,
     sm_scale: float | None = None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
     pages_per_compute_block: int | None = None,
     k_splits: int = 1,
     num_warps: int = 4,
@@ -280,15 +362,26 @@ def paged_attention(
   table hold there (garbage, NaN, out-of-range padding ids); a sequence of length 0
   gives zeros. lengths are clipped to [0, pages_per_seq * page_size].
 
+  Quantized pages (int8 or float8_e4m3fn) come with per-token scales: key t of kv head
+  h is k_pages[h, page, offset].astype(float32) * k_scales[h, page, offset] (V alike).
+  Scales of masked positions never contribute either (they may be NaN). float8 pages
+  need a GPU of compute capability >= 8.9 (the lowering refuses the cast below).
+
   Args:
-    q: [batch, num_heads, head_dim] one query token per sequence.
-    k_pages: [num_kv_heads, num_pages, page_size, head_dim] key page pool.
-    v_pages: [num_kv_heads, num_pages, page_size, head_dim] value page pool.
+    q: [batch, num_heads, head_dim] one query token per sequence, float32, bfloat16
+      or float16.
+    k_pages: [num_kv_heads, num_pages, page_size, head_dim] key page pool, in q's
+      dtype, or int8 / float8_e4m3fn with k_scales.
+    v_pages: [num_kv_heads, num_pages, page_size, head_dim] value page pool, in
+      k_pages' dtype.
     block_tables: int32[batch, pages_per_seq] physical page ids; the entries a
       sequence uses must lie in [0, num_pages).
     lengths: int32[batch] context length of each sequence.
     sm_scale: softmax scale applied to q.k (a Python float: it is static); default
       1 / sqrt(head_dim).
+    k_scales: float32[num_kv_heads, num_pages, page_size] key scales; required with
+      (and only with) int8 / float8_e4m3fn pages.
+    v_scales: float32[num_kv_heads, num_pages, page_size] value scales, likewise.
     pages_per_compute_block: pages gathered per loop step, a power of two with
       page_size * pages_per_compute_block >= 16; default DEFAULT_BLOCK_K // page_size.
     k_splits: splits of the block table run in parallel and merged by log-sum-exp
@@ -301,11 +394,13 @@ def paged_attention(
     [batch, num_heads, head_dim] attention output in q.dtype.
 
   Raises:
-    ValueError: on inconsistent shapes or dtypes, or tiles the Triton lowering
-      cannot take (head_dim, page_size or pages_per_compute_block not a power of two,
-      head_dim or page_size * pages_per_compute_block below 16).
+    ValueError: on inconsistent shapes or dtypes (scales missing for quantized
+      pages, given for unquantized ones, or of the wrong shape or dtype), or tiles
+      the Triton lowering cannot take (head_dim, page_size or
+      pages_per_compute_block not a power of two, head_dim or
+      page_size * pages_per_compute_block below 16).
   """
-  _check_inputs(q, k_pages, v_pages, block_tables, lengths)
+  _check_inputs(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales)
   batch, num_heads, head_dim = q.shape
   num_kv_heads, _, page_size, _ = k_pages.shape
   pages_per_seq = block_tables.shape[1]
@@ -330,7 +425,7 @@ def paged_attention(
   lengths = jnp.clip(lengths, 0, pages_per_seq * page_size)
 
   out = _paged_attention_call(
-      q_grouped, k_pages, v_pages, block_tables, lengths,
+      q_grouped, k_pages, v_pages, block_tables, lengths, k_scales, v_scales,
       sm_scale=float(sm_scale),
       pages_per_compute_block=pages_per_compute_block,
       k_splits=k_splits,
@@ -358,11 +453,14 @@ def paged_attention_reference(
     lengths: jax.Array,
     *,
     sm_scale: float | None = None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
 ) -> jax.Array:
-  """Paged decode attention in plain jnp: gather pages, masked softmax in float32.
+  """Paged decode attention in plain jnp: gather pages (dequantized, with scales),
+  masked softmax in float32.
 
   Same contract as `paged_attention` (masked positions never contribute, even if
-  they hold NaN; length 0 gives zeros).
+  their pages or scales hold NaN; length 0 gives zeros). Inputs are not checked.
 
   Args:
     q: [batch, num_heads, head_dim].
@@ -371,6 +469,9 @@ def paged_attention_reference(
     block_tables: int32[batch, pages_per_seq].
     lengths: int32[batch].
     sm_scale: softmax scale; default 1 / sqrt(head_dim).
+    k_scales: float32[num_kv_heads, num_pages, page_size] for quantized pages, else
+      None.
+    v_scales: likewise for v_pages.
 
   Returns:
     [batch, num_heads, head_dim] in q.dtype.
@@ -383,12 +484,15 @@ def paged_attention_reference(
     sm_scale = 1.0 / math.sqrt(head_dim)
   seq_len = pages_per_seq * page_size
 
-  def gather(pages):  # -> [B, Hkv, T, D] float32
+  def gather(pages, scales):  # -> [B, Hkv, T, D] float32
     x = pages[:, block_tables].astype(jnp.float32)  # [Hkv, B, P, page_size, D]
+    if scales is not None:
+      x = x * scales[:, block_tables][..., None]
     return x.reshape(num_kv_heads, batch, seq_len, head_dim).swapaxes(0, 1)
 
   valid = jnp.arange(seq_len)[None, :] < lengths[:, None]  # [B, T]
-  return masked_attention(q, gather(k_pages), gather(v_pages), valid, sm_scale)
+  return masked_attention(q, gather(k_pages, k_scales), gather(v_pages, v_scales),
+                          valid, sm_scale)
 
 
 def masked_attention(q, k, v, visible, sm_scale):

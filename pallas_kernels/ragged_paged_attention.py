@@ -34,10 +34,16 @@ Design (the layout of vLLM's Triton "unified attention" kernel):
   * Output rows no sequence owns (past cu_q_lens[num_seqs]) are zeroed by the
     programs after the last real block, so the output needs no separate memset
     and never holds uninitialised memory.
+  * Quantized pages (int8 or float8_e4m3fn, one float32 scale per token and kv head)
+    as in paged_attention.py: the scale pools are passed whole per kv head and layer
+    like the page pools (the layer indexed in the kernel, never sliced), each step
+    gathers the [block_k] scale tile through the same page ids, and the scales are
+    applied to the score columns and to the probabilities outside the dots; scales
+    of invisible keys are masked with `where` too.
 
 It does not do split-K over long contexts (a long decode is one program per kv head,
-see paged_attention.py for flash-decoding), sliding windows, ALiBi, soft-capping,
-quantised pages, or non-causal attention.
+see paged_attention.py for flash-decoding), sliding windows, ALiBi, soft-capping, or
+non-causal attention.
 """
 
 import functools
@@ -50,7 +56,7 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels.paged_attention import (check_pages_and_dtypes, check_triton_head_and_page,
-                                            masked_attention)
+                                            masked_attention, with_scale_refs)
 
 # tl.dot needs every matrix dimension >= 16.
 MIN_DOT_DIM = 16
@@ -81,14 +87,21 @@ def ragged_paged_attention_kernel(
     group: int,
     group_pad: int,
     pages_per_compute_block: int,
+    k_scales_ref=None,  # quantized pages only: [num_layers, num_pages, page_size] f32
+    v_scales_ref=None,  # [num_layers, num_pages, page_size] float32
 ):
-  """Online-softmax causal attention of one q block and one GQA group."""
+  """Online-softmax causal attention of one q block and one GQA group.
+
+  With k_scales_ref / v_scales_ref the pages are int8 or float8_e4m3fn values whose
+  real value is values * scale (one scale per token).
+  """
   num_tokens, _, head_dim = q_ref.shape
   num_layers, _, page_size, _ = k_pages_ref.shape
   max_seqs, pages_per_seq = block_tables_ref.shape
   block_k = pages_per_compute_block * page_size
   block_m = block_q * group_pad
   q_block, kv_head = pl.program_id(0), pl.program_id(1)
+  quantized = k_scales_ref is not None
 
   num_seqs = jnp.clip(num_seqs_ref[0], 0, max_seqs)
 
@@ -147,23 +160,37 @@ def ragged_paged_attention_kernel(
     k = k_pages_ref[layer, page_ids].reshape(block_k, head_dim)
     v = v_pages_ref[layer, page_ids].reshape(block_k, head_dim)
     k_pos = i * block_k + jnp.arange(block_k)  # [block_k]
+    in_context = k_pos < kv_end  # [block_k]
+    if quantized:
+      # Scales of unused slots may be garbage (NaN, inf): zero them like V below.
+      k_scale = jnp.where(
+          in_context, k_scales_ref[layer, page_ids].reshape(block_k), 0.0)
+      v_scale = jnp.where(
+          in_context, v_scales_ref[layer, page_ids].reshape(block_k), 0.0)
+      # int8 and float8_e4m3fn convert exactly to float32, bfloat16 and float16.
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
 
     s = lax.dot_general(  # [block_m, block_k]; HIGHEST: IEEE f32, not TF32.
         q, k, (((1,), (1,)), ((), ())),
         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    if quantized:
+      s = s * k_scale[None, :]  # (q . k_values) * k_scale == q . (k_values * k_scale)
     # Causal, and never past kv_end: rows past num_rows (q loaded as 0, output not
     # stored) then see keys < kv_end only, which hold real data, so stay finite.
-    visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos < kv_end)[None, :]
+    visible = (k_pos[None, :] <= q_pos[:, None]) & in_context[None, :]
     s = jnp.where(visible, s * sm_scale, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[:, None])
+    l_new = l * alpha + p.sum(axis=1)
     # p is 0 at masked positions, but 0 * NaN garbage in V would still be NaN.
-    v = jnp.where((k_pos < kv_end)[:, None], v, jnp.zeros_like(v))
+    v = jnp.where(in_context[:, None], v, jnp.zeros_like(v))
+    if quantized:
+      p = p * v_scale[None, :]  # (p * v_scale) . v_values == p . (v_values * v_scale)
     pv = lax.dot_general(
         p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    return acc * alpha[:, None] + pv, m_new, l * alpha + p.sum(axis=1)
+    return acc * alpha[:, None] + pv, m_new, l_new
 
   init = (
       jnp.zeros((block_m, head_dim), jnp.float32),
@@ -186,6 +213,9 @@ def _ragged_paged_attention_call(
     cu_q_lens,  # i32[max_seqs + 1]
     num_seqs,  # i32[1]
     layer,  # i32[1]
+    k_scales=None,  # quantized pages only: f32[num_layers, num_kv_heads, num_pages,
+    #                 page_size]
+    v_scales=None,  # f32[num_layers, num_kv_heads, num_pages, page_size]
     *,
     sm_scale: float,
     block_q: int,
@@ -194,7 +224,11 @@ def _ragged_paged_attention_call(
     num_stages: int,
     interpret: bool,
 ):
-  """pallas_call over (q block, kv head); returns [num_tokens, num_heads, head_dim]."""
+  """pallas_call over (q block, kv head); returns [num_tokens, num_heads, head_dim].
+
+  With scales, the pages are quantized and each kv head's scales (all layers) are
+  passed whole like its pages.
+  """
   num_tokens, num_heads, head_dim = q.shape
   num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
   max_seqs = block_tables.shape[0]
@@ -217,20 +251,29 @@ def _ragged_paged_attention_call(
       group_pad=pl.next_power_of_2(group),
       pages_per_compute_block=pages_per_compute_block,
   )
+  in_specs = [
+      whole(q), pages_spec, pages_spec, whole(kv_lens), whole(block_tables),
+      whole(cu_q_lens), whole(num_seqs), whole(layer),
+  ]
+  inputs = [q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, layer]
+  if k_scales is not None:
+    # The scale pools go right after the page pools; the kernel takes them by name.
+    scales_spec = pl.BlockSpec(
+        (num_layers, None, num_pages, page_size), lambda b, h: (0, h, 0, 0))
+    in_specs[3:3] = [scales_spec, scales_spec]
+    inputs[3:3] = [k_scales, v_scales]
+    kernel = functools.partial(with_scale_refs, kernel)
   return pl.pallas_call(
       kernel,
       grid=(num_q_blocks, num_kv_heads),
-      in_specs=[
-          whole(q), pages_spec, pages_spec, whole(kv_lens), whole(block_tables),
-          whole(cu_q_lens), whole(num_seqs), whole(layer),
-      ],
+      in_specs=in_specs,
       out_specs=whole(q),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=plgpu.CompilerParams(
           num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"ragged_paged_attention_bq{block_q}_bk{pages_per_compute_block * page_size}",
-  )(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, layer)
+  )(*inputs)
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -238,7 +281,7 @@ def _is_power_of_two(n: int) -> bool:
 
 
 def _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
-                  layer):
+                  layer, k_scales, v_scales):
   """Raises ValueError on inconsistent ranks, shapes or dtypes."""
   if q.ndim != 3:
     raise ValueError(
@@ -249,7 +292,7 @@ def _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seq
   if layer is not None and k_pages.ndim != 5:
     raise ValueError("with layer=, k_pages must be [num_layers, num_kv_heads,"
                      f" num_pages, page_size, head_dim], got shape {k_pages.shape}")
-  check_pages_and_dtypes(q, k_pages, v_pages)
+  check_pages_and_dtypes(q, k_pages, v_pages, k_scales, v_scales)
   num_tokens, num_heads, head_dim = q.shape
   num_kv_heads, num_pages, _, page_head_dim = k_pages.shape[-4:]
   if num_tokens < 1:
@@ -320,6 +363,8 @@ def ragged_paged_attention(
     num_seqs: jax.Array,
     *,
     sm_scale: float | None = None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
     layer: jax.Array | int | None = None,
     interpret: bool = False,
     block_q: int | None = None,
@@ -340,12 +385,19 @@ def ragged_paged_attention(
   kv_lens are clipped to [0, pages_per_seq * page_size] and num_seqs to
   [0, max_seqs]; entries of sequences >= num_seqs are never read.
 
+  Quantized pages (int8 or float8_e4m3fn) come with per-token scales: a key is
+  k_pages[..., page, offset, :].astype(float32) * k_scales[..., page, offset] (V
+  alike). Scales of positions a query cannot see never contribute either (they may
+  be NaN). float8 pages need a GPU of compute capability >= 8.9 (the lowering refuses
+  the cast below).
+
   Args:
-    q: [num_tokens, num_heads, head_dim] query tokens of all sequences, packed.
+    q: [num_tokens, num_heads, head_dim] query tokens of all sequences, packed;
+      float32, bfloat16 or float16.
     k_pages: [num_kv_heads, num_pages, page_size, head_dim] key page pool, or with
       `layer`, the pools of all layers [num_layers, num_kv_heads, num_pages,
-      page_size, head_dim].
-    v_pages: value page pool(s), shaped like k_pages.
+      page_size, head_dim]; in q's dtype, or int8 / float8_e4m3fn with k_scales.
+    v_pages: value page pool(s), shaped like k_pages, in k_pages' dtype.
     kv_lens: int32[max_seqs] context length of each sequence, this step's tokens
       included.
     block_tables: int32[max_seqs, pages_per_seq] physical page ids; the entries a
@@ -356,6 +408,11 @@ def ragged_paged_attention(
     num_seqs: int32[1] number of valid sequences.
     sm_scale: softmax scale applied to q.k (a Python float: it is static); default
       1 / sqrt(head_dim).
+    k_scales: float32 key scales shaped like k_pages without head_dim
+      ([num_kv_heads, num_pages, page_size], or [num_layers, ...] with `layer`: the
+      layer is indexed inside the kernel for them too); required with (and only
+      with) int8 / float8_e4m3fn pages.
+    v_scales: value scales, likewise.
     layer: with 5-D pools, the layer to read: a Python int or an integer scalar
       array (may be traced, e.g. in lax.scan over layers); it is indexed inside the
       kernel, so no layer of the pools is ever copied. Out-of-range values are
@@ -373,13 +430,14 @@ def ragged_paged_attention(
     [num_tokens, num_heads, head_dim] attention output in q.dtype.
 
   Raises:
-    ValueError: on inconsistent ranks, shapes or dtypes, or tiles the Triton
-      lowering cannot take (head_dim, page_size, block_q or pages_per_compute_block
-      not a power of two, head_dim, block_q * padded group or
-      page_size * pages_per_compute_block below 16).
+    ValueError: on inconsistent ranks, shapes or dtypes (scales missing for
+      quantized pages, given for unquantized ones, or of the wrong shape or dtype),
+      or tiles the Triton lowering cannot take (head_dim, page_size, block_q or
+      pages_per_compute_block not a power of two, head_dim, block_q * padded group
+      or page_size * pages_per_compute_block below 16).
   """
   _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
-                layer)
+                layer, k_scales, v_scales)
   num_heads, head_dim = q.shape[1:]
   num_kv_heads, _, page_size, _ = k_pages.shape[-4:]
   group_pad = pl.next_power_of_2(num_heads // num_kv_heads)
@@ -394,10 +452,13 @@ def ragged_paged_attention(
   if layer is None:
     # One layer: a leading unit axis is a free view (a bitcast), not a copy.
     k_pages, v_pages = k_pages[None], v_pages[None]
+    if k_scales is not None:
+      k_scales, v_scales = k_scales[None], v_scales[None]
     layer = 0
   layer = jnp.asarray(layer, jnp.int32).reshape(1)
   return _ragged_paged_attention_call(
       q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, layer,
+      k_scales, v_scales,
       sm_scale=float(sm_scale),
       block_q=block_q,
       pages_per_compute_block=pages_per_compute_block,
@@ -418,13 +479,16 @@ def ragged_paged_attention_reference(
     num_seqs: jax.Array,
     *,
     sm_scale: float | None = None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
     layer: jax.Array | int | None = None,
 ) -> jax.Array:
-  """Ragged paged attention in plain jnp: gather each token's context, masked
-  causal softmax in float32.
+  """Ragged paged attention in plain jnp: gather each token's context (dequantized,
+  with scales), masked causal softmax in float32.
 
   Same contract as `ragged_paged_attention` (masked positions never contribute, even
-  if they hold NaN; rows no sequence owns and empty contexts give zeros).
+  if their pages or scales hold NaN; rows no sequence owns and empty contexts give
+  zeros). Inputs are not checked.
 
   Args:
     q: [num_tokens, num_heads, head_dim].
@@ -435,6 +499,9 @@ def ragged_paged_attention_reference(
     cu_q_lens: int32[max_seqs + 1].
     num_seqs: int32[1].
     sm_scale: softmax scale; default 1 / sqrt(head_dim).
+    k_scales: float32, k_pages' shape without head_dim, for quantized pages; else
+      None.
+    v_scales: likewise for v_pages.
     layer: the layer of 5-D pools (clamped to range); None for 4-D pools.
 
   Returns:
@@ -444,6 +511,8 @@ def ragged_paged_attention_reference(
     num_layers = k_pages.shape[0]
     layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1)
     k_pages, v_pages = k_pages[layer], v_pages[layer]
+    if k_scales is not None:
+      k_scales, v_scales = k_scales[layer], v_scales[layer]
   num_tokens, num_heads, head_dim = q.shape
   num_kv_heads, _, page_size, _ = k_pages.shape
   max_seqs, pages_per_seq = block_tables.shape
@@ -465,11 +534,14 @@ def ragged_paged_attention_reference(
 
   # Every token's whole context: [T, Hkv, seq_len, D], float32.
   page_ids = block_tables[seq]  # [T, pages_per_seq]
-  def gather(pages):
+  def gather(pages, scales):
     x = pages[:, page_ids].astype(jnp.float32)  # [Hkv, T, P, page_size, D]
+    if scales is not None:
+      x = x * scales[:, page_ids][..., None]
     return x.reshape(num_kv_heads, num_tokens, seq_len, head_dim).swapaxes(0, 1)
 
   k_pos = jnp.arange(seq_len)
   visible = (owned[:, None] & (k_pos[None, :] <= q_pos[:, None])
              & (k_pos[None, :] < kv_len[:, None]))  # [T, seq_len]
-  return masked_attention(q, gather(k_pages), gather(v_pages), visible, sm_scale)
+  return masked_attention(q, gather(k_pages, k_scales), gather(v_pages, v_scales),
+                          visible, sm_scale)
