@@ -281,7 +281,7 @@ def _component_times(llm: LLM, batch, samp, reps: int) -> dict:
   def write_layers(k_pages, v_pages, kv_new, slots):
     k_rows, v_rows = kvc.to_rows(k_pages), kvc.to_rows(v_pages)
     for i in range(cfg.num_layers):
-      k_rows, v_rows = kvc.write_kv_rows(k_rows, v_rows, i, kv_new, kv_new, slots, geometry)
+      k_rows, v_rows, _, _ = kvc.write_kv_rows(k_rows, v_rows, i, kv_new, kv_new, slots, geometry)
     return kvc.from_rows(k_rows, geometry), kvc.from_rows(v_rows, geometry)
 
   def write(kv_new, slots):  # chains the donated pages through the repeats

@@ -36,9 +36,9 @@ def test_init_kv_cache_shapes_and_validation():
   assert not np.any(np.asarray(cache.k_pages, np.float32))
   with pytest.raises(ValueError, match="num_blocks"):
     kc.init_kv_cache(num_layers=L, num_kv_heads=HKV, num_blocks=0, block_size=BS, head_dim=D)
-  with pytest.raises(ValueError, match="int8"):
+  with pytest.raises(ValueError, match="int16"):
     kc.init_kv_cache(
-      num_layers=L, num_kv_heads=HKV, num_blocks=N, block_size=BS, head_dim=D, dtype=jnp.int8
+      num_layers=L, num_kv_heads=HKV, num_blocks=N, block_size=BS, head_dim=D, dtype=jnp.int16
     )
 
 
@@ -72,7 +72,8 @@ def test_row_view_write_equals_the_5d_write(dtype, bits):
   slots = jnp.asarray([5, -1, 17, 30, -7, 0], jnp.int32)
   k_new = jnp.asarray(rng.standard_normal((6, HKV, D)), jnp.float32)
   v_new = jnp.asarray(rng.standard_normal((6, HKV, D)), jnp.float32)
-  want_k, want_v = jax.jit(kc.write_kv_layer)(cache.k_pages, cache.v_pages, 1, k_new, v_new, slots)
+  want_k, want_v, _, _ = jax.jit(kc.write_kv_layer)(cache.k_pages, cache.v_pages, 1, k_new, v_new,
+                                                    slots)
   k, v = cache.k_pages, cache.v_pages
   if bits:
     k, v = (jax.lax.bitcast_convert_type(x, jnp.uint16) for x in (k, v))
@@ -80,7 +81,8 @@ def test_row_view_write_equals_the_5d_write(dtype, bits):
 
   @jax.jit
   def rows_write(k, v):
-    kr, vr = kc.write_kv_rows(kc.to_rows(k), kc.to_rows(v), 1, k_new, v_new, slots, geometry)
+    kr, vr, _, _ = kc.write_kv_rows(kc.to_rows(k), kc.to_rows(v), 1, k_new, v_new, slots,
+                                    geometry)
     return kc.from_rows(kr, geometry), kc.from_rows(vr, geometry)
 
   got_k, got_v = (kc.from_storage(x) for x in rows_write(k, v))

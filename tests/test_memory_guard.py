@@ -33,13 +33,16 @@ from pagedjax.runner import kv_cache as kvc
 SMALL, LARGE = 128, 8192  # pages per layer: the engine's pool, and the pool compiled for
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "int8", "fp8"])
 def served(request):
-  llm = LLM(num_blocks=SMALL, dtype=request.param, max_num_batched_tokens=64, max_num_seqs=8,
-            num_host_blocks=64, preemption_mode="swap")
+  # int8 / fp8: float32 compute over a quantized pool (pages + per-token scales)
+  dtype, kv_dtype = ("float32", request.param) if request.param in ("int8", "fp8") else (
+      request.param, "auto")
+  llm = LLM(num_blocks=SMALL, dtype=dtype, kv_cache_dtype=kv_dtype, max_num_batched_tokens=64,
+            max_num_seqs=8, num_host_blocks=64, preemption_mode="swap")
   greedy = SamplingParams(max_tokens=3, temperature=0.0)
   llm.generate(["def "], greedy)  # batch-1 prefill + decode
-  if request.param == "float32":  # bfloat16 changes the pool's storage, not the programs' kinds
+  if request.param == "float32":  # other dtypes change the pool's storage, not programs' kinds
     llm.generate(["def ", "The Python "], greedy)  # batch 2
     # A prompt over the 64-token budget: chunks, mixed with the other request's decodes.
     llm.generate(["A ", "The try statement " * 8], SamplingParams(max_tokens=6,
@@ -54,8 +57,12 @@ def _pool_shaped(hlo: str, num_blocks: int, geometry) -> list[str]:
   """HLO instructions that copy or convert a whole pool-shaped array (an in-place
   dynamic-update-slice or scatter has a pool-shaped result too: those are fine)."""
   g = geometry
-  shapes = {f"[{g.num_layers * g.num_kv_heads * num_blocks},{g.block_size * g.head_dim}]",
-            f"[{g.num_layers},{g.num_kv_heads},{num_blocks},{g.block_size},{g.head_dim}]"}
+  rows = g.num_layers * g.num_kv_heads * num_blocks
+  shapes = {f"[{rows},{g.block_size * g.head_dim}]",
+            f"[{g.num_layers},{g.num_kv_heads},{num_blocks},{g.block_size},{g.head_dim}]",
+            # a quantized pool's scales, rows and 4-D
+            f"[{rows},{g.block_size}]",
+            f"[{g.num_layers},{g.num_kv_heads},{num_blocks},{g.block_size}]"}
   bad = []
   for line in hlo.splitlines():
     m = re.search(r"= \w+(\[[\d,]+\])\{[^}]*\} (copy|convert)\(", line)
@@ -78,8 +85,8 @@ def _check(compiled_small, compiled_large, pool_small: int, pool_large: int, wha
 
 
 def test_engine_compiled_every_kind_of_step(served):
-  if served.runner.dtype != jnp.float32:
-    pytest.skip("the bfloat16 engine serves one request: the storage is what it checks")
+  if served.runner.kv.dtype != jnp.float32:
+    pytest.skip("this engine serves one request: the storage is what it checks")
   keys = list(served.runner.programs)
   # (T, R, decode rows, prefill tiles): decode-only batch 1 and 2, prefill-only, mixed.
   assert any(k[2] == 1 and k[3] == 0 for k in keys), keys
@@ -99,7 +106,7 @@ def test_no_step_program_copies_the_pool(served):
   pool = LARGE * per_page  # one page array (K or V), all layers
   layer = pool // geometry.num_layers
   large = dict(runner.compiled_programs(LARGE))
-  assert len(large) >= (4 if runner.dtype == jnp.float32 else 2)
+  assert len(large) >= (4 if runner.kv.dtype == jnp.float32 else 2)
   for key, compiled in large.items():
     m = compiled.memory_analysis()
     assert m.alias_size_in_bytes >= 2 * pool, f"step program {key}: pool not updated in place"
@@ -118,11 +125,11 @@ def test_block_copies_are_in_place(served, n):
   compiled = {}
   for pages in (SMALL, LARGE):
     kv = runner.abstract_kv(pages)
-    blocks = jax.ShapeDtypeStruct(kv.k_pages.shape[:2] + (n,) + kv.k_pages.shape[3:],
-                                  kv.k_pages.dtype)
+    blocks = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[:2] + (n,) + x.shape[3:], x.dtype),
+                          (kv.k_pages, kv.v_pages, kv.k_scales, kv.v_scales))
     compiled[pages] = {
         "copy-on-write": kvc._copy_blocks_jit.lower(kv, ids, ids).compile(),
-        "swap-in": kvc._swap_in_jit.lower(kv, blocks, blocks, ids, ids,
+        "swap-in": kvc._swap_in_jit.lower(kv, blocks, ids, ids,
                                           src_on_host=False).compile(),
     }
   per_page = runner.kv.k_pages.nbytes // runner.kv.k_pages.shape[2]

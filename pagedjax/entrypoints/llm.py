@@ -30,6 +30,7 @@ from pagedjax.core.scheduler import Scheduler, StepResult, max_blocks_needed
 from pagedjax.core.sequence import Sequence, SequenceGroup
 from pagedjax.entrypoints.detokenizer import IncrementalDetokenizer
 from pagedjax.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedjax.runner import kv_cache
 from pagedjax.runner import step as step_lib
 from pagedjax.runner.model_runner import MAX_BANNED, DeviceSampling, ModelRunner
 from pagedjax.runner.model_runner import IMPLS as _RUNNER_IMPLS
@@ -38,6 +39,12 @@ from pagedjax.weights import checkpoint
 
 ATTENTION_IMPLS = ("auto", *_RUNNER_IMPLS)
 DTYPES = ("float32", "bfloat16")
+# kv_cache_dtype (vLLM's names; "auto": the model's dtype) -> the pages' dtype.
+KV_CACHE_DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "int8": "int8",
+                   "fp8": "float8_e4m3fn"}
+# swap_dtype: "auto" swaps blocks as the device stores them; int8 / fp8 store an
+# unquantized pool's blocks quantized in the host pool.
+SWAP_DTYPES = {"auto": None, "int8": "int8", "fp8": "float8_e4m3fn"}
 
 
 def _check_int(name, value, minimum, *, none_ok=False):
@@ -79,7 +86,18 @@ class LLM:
     preemption_mode: "recompute" or "swap" when blocks run out.
     attention_impl: "auto" (pallas on GPU, xla otherwise), "xla", "pallas",
       "pallas_interpret".
-    dtype: KV cache and compute dtype, "float32" or "bfloat16".
+    dtype: compute dtype (and the KV cache's under kv_cache_dtype="auto"), "float32" or
+      "bfloat16".
+    kv_cache_dtype: "auto" (= dtype), "float32", "bfloat16", or quantized: "int8" or
+      "fp8" (float8_e4m3fn), each token's K and V vector per kv head stored in 8 bits with
+      a float32 scale, quantized on write inside the step; kv_cache_memory_mb then buys
+      proportionally more blocks (`memory_stats()["bytes_per_block"]`).
+    swap_dtype: "auto" (swapped blocks kept as the device pool stores them), "int8" or
+      "fp8": an unquantized pool's swapped-out blocks are stored quantized in the host
+      pool (less host memory and copy traffic; swap-in dequantizes, so a swapped request's
+      outputs change by that rounding). A quantized pool always swaps as it is.
+    async_swap: issue swaps without waiting for them to land (default); False waits for
+      each (the synchronous baseline: same outputs, host stalls).
     kv_cache_memory_mb: KV budget used when num_blocks is None.
     seed: seeds requests that do not set SamplingParams.seed.
     skip_tokenizer_init: do not load the tokenizer: token-id prompts only, empty text.
@@ -94,10 +112,18 @@ class LLM:
                max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
                enable_prefix_caching: bool = True,
                preemption_mode: str = "recompute", attention_impl: str = "auto",
-               dtype: str = "float32", kv_cache_memory_mb: float = 64.0, seed: int = 0,
+               dtype: str = "float32", kv_cache_dtype: str = "auto", swap_dtype: str = "auto",
+               async_swap: bool = True, kv_cache_memory_mb: float = 64.0, seed: int = 0,
                skip_tokenizer_init: bool = False, kv_reservation: str | None = None):
     _check_choice("attention_impl", attention_impl, ATTENTION_IMPLS)
     _check_choice("dtype", dtype, DTYPES)
+    _check_choice("kv_cache_dtype", kv_cache_dtype, tuple(KV_CACHE_DTYPES))
+    _check_choice("swap_dtype", swap_dtype, tuple(SWAP_DTYPES))
+    if not isinstance(async_swap, bool):
+      raise TypeError(f"async_swap must be a bool, got {async_swap!r}")
+    if kv_cache_dtype in ("int8", "fp8") and swap_dtype not in ("auto", kv_cache_dtype):
+      raise ValueError(f"a {kv_cache_dtype} KV cache swaps as {kv_cache_dtype}; swap_dtype must be "
+                       f"'auto' or {kv_cache_dtype!r}, got {swap_dtype!r}")
     _check_choice("preemption_mode", preemption_mode, ("recompute", "swap"))
     block_size = _check_int("block_size", block_size, 1)
     if block_size & (block_size - 1):
@@ -128,11 +154,14 @@ class LLM:
     self.max_num_batched_tokens = max_num_batched_tokens
     self.enable_chunked_prefill = enable_chunked_prefill
     self.attention_impl = attention_impl
+    self.kv_cache_dtype = kv_cache_dtype
     self.runner_kwargs = dict(block_size=block_size, max_model_len=cfg.max_seq_len, dtype=dtype,
                               attention_impl=attention_impl,
-                              vocab_size=self.tokenizer.vocab_size)
-    bytes_per_block = (2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim
-                       * jax.numpy.dtype(dtype).itemsize)
+                              vocab_size=self.tokenizer.vocab_size,
+                              kv_cache_dtype=KV_CACHE_DTYPES[kv_cache_dtype],
+                              swap_dtype=SWAP_DTYPES[swap_dtype], async_swap=async_swap)
+    bytes_per_block = kv_cache.block_bytes(cfg.num_layers, cfg.num_kv_heads, block_size,
+                                           cfg.head_dim, KV_CACHE_DTYPES[kv_cache_dtype] or dtype)
     if num_blocks is None:
       num_blocks = max(1, int(kv_cache_memory_mb * 2**20) // bytes_per_block)
     num_host_blocks = num_blocks if num_host_blocks is None else num_host_blocks
@@ -588,7 +617,10 @@ class LLM:
     stats.update(
         num_blocks=self.bm.num_blocks, num_free_blocks=self.bm.num_free_blocks,
         block_size=self.block_size, bytes_per_block=self.runner.bytes_per_block,
-        kv_cache_dtype=str(self.runner.dtype),
+        kv_cache_dtype=str(self.runner.kv.dtype),
+        host_bytes_per_block=self.runner.host_bytes_per_block,
+        swap_dtype=self.runner.host_dtype,
+        **self.runner.swap_stats,
         num_preemptions=sum(sched.num_preemptions.values()),
         num_preemptions_recompute=sched.num_preemptions["recompute"],
         num_preemptions_swap=sched.num_preemptions["swap"],

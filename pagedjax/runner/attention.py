@@ -96,7 +96,7 @@ class AttentionMetadata:
 
 
 def ragged_paged_attention(q, k, v, meta: AttentionMetadata, *, layer, sm_scale: float,
-                           impl: str, geometry: kvc.PoolGeometry):
+                           impl: str, geometry: kvc.PoolGeometry, k_scales=None, v_scales=None):
   """Causal attention of a packed batch of query tokens over their sequences' pages.
 
   Args:
@@ -108,6 +108,9 @@ def ragged_paged_attention(q, k, v, meta: AttentionMetadata, *, layer, sm_scale:
     sm_scale: softmax scale (Python float).
     impl: "xla", "pallas" or "pallas_interpret".
     geometry: the pool's static sizes.
+    k_scales, v_scales: quantized pools' per-token scales, in the same layout as the
+      pools (`kv_cache.scale_rows` rows `[L * Hkv * N, bs]` for "xla", `[L, Hkv, N, bs]`
+      for Pallas); None for unquantized pools.
 
   Returns:
     `[T, H, D]` in q.dtype; zeros in padding rows.
@@ -128,17 +131,29 @@ def ragged_paged_attention(q, k, v, meta: AttentionMetadata, *, layer, sm_scale:
       for lo in range(0, n, n // groups):
         sl = slice(lo, lo + n // groups)
         qt = q[jnp.minimum(index[sl], t - 1)]  # [n / groups, Tq, H, D]
-        o = _attention_tiles(qt, k, v, tables[sl], pos[sl], layer, sm_scale, geometry)
+        o = _attention_tiles(qt, k, v, tables[sl], pos[sl], layer, sm_scale, geometry,
+                             k_scale_rows=k_scales, v_scale_rows=v_scales)
         out = out.at[index[sl]].set(o, mode="drop")
     return out
   from pallas_kernels.ragged_paged_attention import ragged_paged_attention as kernel
 
+  scales = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
   return kernel(q, k, v, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
-                sm_scale=sm_scale, layer=layer, interpret=impl == "pallas_interpret")
+                sm_scale=sm_scale, layer=layer, interpret=impl == "pallas_interpret", **scales)
 
 
-def _check(q, k_pages, v_pages, block_tables, seq_vectors: dict, sm_scale, impl, layer):
+def _check(q, k_pages, v_pages, block_tables, seq_vectors: dict, sm_scale, impl, layer,
+           k_scales=None, v_scales=None):
   """Static checks shared by the rectangular entries; q is [B, T, H, D]."""
+  if kvc.is_quantized(k_pages.dtype) != (k_scales is not None) or (k_scales is None) != (
+      v_scales is None):
+    raise ValueError(f"k_scales and v_scales are required exactly for int8 / fp8 pages, got "
+                     f"{k_pages.dtype} pages with k_scales {_desc(k_scales)}, v_scales "
+                     f"{_desc(v_scales)}")
+  for name, sc in (("k_scales", k_scales), ("v_scales", v_scales)):
+    if sc is not None and (sc.shape != k_pages.shape[:-1] or sc.dtype != jnp.float32):
+      raise ValueError(f"{name} must be float32{list(k_pages.shape[:-1])} (the pages without "
+                       f"head_dim), got {_desc(sc)}")
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   if not isinstance(sm_scale, (int, float)) or sm_scale <= 0:
@@ -164,7 +179,7 @@ def _check(q, k_pages, v_pages, block_tables, seq_vectors: dict, sm_scale, impl,
 
 
 def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale: float,
-                           impl: str = "xla", layer=None):
+                           impl: str = "xla", layer=None, k_scales=None, v_scales=None):
   """Attention of one query token per sequence over its paged K/V.
 
   Args:
@@ -177,24 +192,32 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_sca
       sm_scale: softmax scale (Python float), e.g. `D ** -0.5`.
       impl: "xla", "pallas" or "pallas_interpret".
       layer: None, or the layer (int or int32 scalar, may be traced) of all-layer pools.
+      k_scales, v_scales: float32 scales of int8 / fp8 pages, shaped like the pages
+          without head_dim (one per token and kv head); None for float pages.
 
   Returns:
       `[B, H, D]` in q.dtype, accumulated in float32; zeros where length == 0.
   """
-  _check(q[:, None], k_pages, v_pages, block_tables, {"lengths": lengths}, sm_scale, impl, layer)
-  return _decode(q, k_pages, v_pages, block_tables, lengths, layer, sm_scale=sm_scale, impl=impl)
+  _check(q[:, None], k_pages, v_pages, block_tables, {"lengths": lengths}, sm_scale, impl, layer,
+         k_scales, v_scales)
+  return _decode(q, k_pages, v_pages, block_tables, lengths, layer, k_scales, v_scales,
+                 sm_scale=sm_scale, impl=impl)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "impl"))
-def _decode(q, k_pages, v_pages, block_tables, lengths, layer, *, sm_scale, impl):
+def _decode(q, k_pages, v_pages, block_tables, lengths, layer, k_scales, v_scales, *, sm_scale,
+            impl):
   if impl == "xla":
     q_pos = (lengths.astype(jnp.int32) - 1)[:, None]  # [B, 1]
-    return _rect_xla(q[:, None], k_pages, v_pages, block_tables, q_pos, sm_scale, layer)[:, 0]
-  return _pallas_decode(q, k_pages, v_pages, block_tables, lengths, sm_scale, impl, layer)
+    return _rect_xla(q[:, None], k_pages, v_pages, block_tables, q_pos, sm_scale, layer,
+                     k_scales, v_scales)[:, 0]
+  return _pallas_decode(q, k_pages, v_pages, block_tables, lengths, sm_scale, impl, layer,
+                        k_scales, v_scales)
 
 
 def paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, query_lens, *,
-                            sm_scale: float, impl: str = "xla", layer=None):
+                            sm_scale: float, impl: str = "xla", layer=None, k_scales=None,
+                            v_scales=None):
   """Causal attention of T new tokens per sequence over cached context and themselves.
 
   Query t of sequence b sits at position `context_lens[b] + t` and attends to every
@@ -210,28 +233,35 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, que
       sm_scale: softmax scale (Python float).
       impl: "xla", "pallas" or "pallas_interpret".
       layer: None, or the layer of all-layer pools.
+      k_scales, v_scales: scales of int8 / fp8 pages (see `paged_decode_attention`).
 
   Returns:
       `[B, T, H, D]` in q.dtype; zeros in padded rows.
   """
   _check(q, k_pages, v_pages, block_tables,
-         {"context_lens": context_lens, "query_lens": query_lens}, sm_scale, impl, layer)
-  return _prefill(q, k_pages, v_pages, block_tables, context_lens, query_lens, layer,
-                  sm_scale=sm_scale, impl=impl)
+         {"context_lens": context_lens, "query_lens": query_lens}, sm_scale, impl, layer,
+         k_scales, v_scales)
+  return _prefill(q, k_pages, v_pages, block_tables, context_lens, query_lens, layer, k_scales,
+                  v_scales, sm_scale=sm_scale, impl=impl)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "impl"))
-def _prefill(q, k_pages, v_pages, block_tables, context_lens, query_lens, layer, *, sm_scale,
-             impl):
+def _prefill(q, k_pages, v_pages, block_tables, context_lens, query_lens, layer, k_scales,
+             v_scales, *, sm_scale, impl):
   b, t, h, d = q.shape
   q_pos = _query_positions(context_lens, query_lens, t)  # [B, T]
   if impl == "xla":
-    return _rect_xla(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer)
+    return _rect_xla(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scales,
+                     v_scales)
   # Flatten into B*T decode queries: length = position + 1, 0 for padded rows.
   tables = jnp.repeat(block_tables, t, axis=0)  # [B*T, P]
   out = _pallas_decode(q.reshape(b * t, h, d), k_pages, v_pages, tables,
-                       (q_pos + 1).reshape(-1), sm_scale, impl, layer)
+                       (q_pos + 1).reshape(-1), sm_scale, impl, layer, k_scales, v_scales)
   return out.reshape(b, t, h, d)
+
+
+def _desc(x) -> str:
+  return "None" if x is None else f"{x.dtype}{list(x.shape)}"
 
 
 def _query_positions(context_lens, query_lens, t: int):
@@ -241,28 +271,37 @@ def _query_positions(context_lens, query_lens, t: int):
   return jnp.where(rows < query_lens[:, None], pos, -1)
 
 
-def _rect_xla(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer):
+def _rect_xla(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scales=None,
+              v_scales=None):
   """The tiles path on 4-D (one layer) or 5-D pools, outside a step."""
   if layer is None:
     k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    if k_scales is not None:
+      k_scales, v_scales = k_scales[None], v_scales[None]
   geometry = kvc.PoolGeometry.of(k_pages)
   return _attention_tiles(q, kvc.to_rows(k_pages), kvc.to_rows(v_pages), block_tables, q_pos,
-                          layer, sm_scale, geometry)
+                          layer, sm_scale, geometry, k_scale_rows=kvc.scale_rows(k_scales),
+                          v_scale_rows=kvc.scale_rows(v_scales))
 
 
-def _pallas_decode(q, k_pages, v_pages, block_tables, lengths, sm_scale, impl, layer):
+def _pallas_decode(q, k_pages, v_pages, block_tables, lengths, sm_scale, impl, layer,
+                   k_scales=None, v_scales=None):
   # Imported here so the xla path works without the kernel module (and its Triton deps).
   from pallas_kernels.paged_attention import paged_attention
 
   if layer is not None:
     k_pages, v_pages = k_pages[layer], v_pages[layer]
-  return paged_attention(q, k_pages, v_pages, block_tables.astype(jnp.int32),
-                         lengths.astype(jnp.int32), sm_scale=sm_scale,
-                         interpret=impl == "pallas_interpret")
+    if k_scales is not None:
+      k_scales, v_scales = k_scales[layer], v_scales[layer]
+  scales = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
+  return paged_attention(q, kvc.from_storage(k_pages), kvc.from_storage(v_pages),
+                         block_tables.astype(jnp.int32), lengths.astype(jnp.int32),
+                         sm_scale=sm_scale, interpret=impl == "pallas_interpret", **scales)
 
 
 def _gather_rows(rows, index):
-  """rows [R, W], index int32[...] in [0, R) -> [..., W] float32: one row per index."""
+  """rows [R, W], index int32[...] in [0, R) -> [..., W] float32: one row per index
+  (int8 / fp8 values as they are stored: the caller applies their scales)."""
   dnums = lax.GatherDimensionNumbers(
     offset_dims=(index.ndim,), collapsed_slice_dims=(0,), start_index_map=(0,))
   out = kvc.from_storage(lax.gather(rows, index[..., None], dnums, slice_sizes=(1, rows.shape[1]),
@@ -275,12 +314,15 @@ def _gather_rows(rows, index):
 
 
 def _attention_tiles(q, k_rows, v_rows, block_tables, q_pos, layer, sm_scale,
-                     geometry: kvc.PoolGeometry, pages_per_step=None):
+                     geometry: kvc.PoolGeometry, pages_per_step=None, k_scale_rows=None,
+                     v_scale_rows=None):
   """q [B, T, H, D] (B tiles of T queries), q_pos int32[B, T] (-1: padding) -> [B, T, H, D].
 
   k_rows / v_rows: the pools as rows `[L * Hkv * N, bs * D]`; block_tables [B, P] the
   pages of each tile's sequence. pages_per_step: block-table columns per loop step;
-  None sizes a gathered K chunk to _CHUNK_BYTES.
+  None sizes a gathered K chunk to _CHUNK_BYTES. k_scale_rows / v_scale_rows: quantized
+  pools' scales `[L * Hkv * N, bs]` (same rows), applied to the score columns (K) and to
+  the probabilities (V), so a gathered chunk is never dequantized as a whole.
   """
   b, t, h, d = q.shape
   hkv, n, bs = geometry.num_kv_heads, geometry.num_blocks, geometry.block_size
@@ -310,6 +352,8 @@ def _attention_tiles(q, k_rows, v_rows, block_tables, q_pos, layer, sm_scale,
     kv_pos = i * (c * bs) + jnp.arange(c * bs, dtype=jnp.int32)  # [c*bs]
     mask = kv_pos[None, None, None, :] <= q_pos_g[..., None]  # [1, B, G*T, c*bs]
     s = jnp.einsum("hbqd,hbkd->hbqk", qg, k)
+    if k_scale_rows is not None:  # [Hkv, B, c*bs]: one scale per key
+      s = s * _gather_rows(k_scale_rows, rows_c).reshape(hkv, b, 1, c * bs)
     s = jnp.where(mask, s * sm_scale, -jnp.inf)
     m_new = jnp.maximum(m, s.max(-1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw no key yet
@@ -318,7 +362,11 @@ def _attention_tiles(q, k_rows, v_rows, block_tables, q_pos, layer, sm_scale,
     # Keys no query may see: zero V so that stale/NaN pages cannot leak via 0 * NaN.
     seen = kv_pos[None, :] <= last_pos[:, None]  # [B, c*bs]
     v = jnp.where(seen[None, :, :, None], v, 0)
-    pv = jnp.einsum("hbqk,hbkd->hbqd", prob, v)
+    if v_scale_rows is not None:  # p . (v * scale) == (p * scale) . v; unseen scales -> 0
+      v_sc = _gather_rows(v_scale_rows, rows_c).reshape(hkv, b, 1, c * bs)
+      pv = jnp.einsum("hbqk,hbkd->hbqd", prob * jnp.where(seen[None, :, None], v_sc, 0), v)
+    else:
+      pv = jnp.einsum("hbqk,hbkd->hbqd", prob, v)
     return m_new, l * corr + prob.sum(-1), acc * corr[..., None] + pv
 
   init = (

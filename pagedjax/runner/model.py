@@ -369,24 +369,34 @@ class Transformer(nnx.Module):
     # The xla path works on the pool's row view from the first write to the last read
     # (see pagedjax.runner.attention); the Pallas kernels take the 5-D pages.
     rows = impl == "xla"
-    k_pool, v_pool = ((kvc.to_rows(kv.k_pages), kvc.to_rows(kv.v_pages)) if rows
-                      else (kv.k_pages, kv.v_pages))
+    # Quantized pools carry per-token scales beside the pages, in the same view.
+    if rows:
+      pools = (kvc.to_rows(kv.k_pages), kvc.to_rows(kv.v_pages), kvc.scale_rows(kv.k_scales),
+               kvc.scale_rows(kv.v_scales))
+    else:
+      pools = (kv.k_pages, kv.v_pages, kv.k_scales, kv.v_scales)
     x = self.embed_tokens(tokens[None])  # [1, T, dim]
     for i, layer in enumerate(self.layers):
       attn = layer.attn
       q, k, v = attn.qkv(layer.attn_norm(x), positions[None])  # [1, T, H|Hkv, D]
+      k_pool, v_pool, k_sc, v_sc = pools
       if rows:
-        k_pool, v_pool = kvc.write_kv_rows(k_pool, v_pool, i, k[0], v[0], slot_mapping, geometry)
+        pools = kvc.write_kv_rows(k_pool, v_pool, i, k[0], v[0], slot_mapping, geometry, k_sc,
+                                  v_sc)
       else:
-        k_pool, v_pool = kvc.write_kv_layer(k_pool, v_pool, i, k[0], v[0], slot_mapping)
+        pools = kvc.write_kv_layer(k_pool, v_pool, i, k[0], v[0], slot_mapping, k_sc, v_sc)
+      k_pool, v_pool, k_sc, v_sc = pools
       o = ragged_paged_attention(q[0], k_pool, v_pool, attn_meta, layer=i,
-                                 sm_scale=attn.sm_scale, impl=impl, geometry=geometry)
+                                 sm_scale=attn.sm_scale, impl=impl, geometry=geometry,
+                                 k_scales=k_sc, v_scales=v_sc)
       x = x + attn.out(o[None])
       x = x + layer.mlp(layer.mlp_norm(x))
     logits = self.logits(x[:, logits_index])[0]  # [R, V]: only the rows that sample
+    k_pool, v_pool, k_sc, v_sc = pools
     if rows:
       k_pool, v_pool = kvc.from_rows(k_pool, geometry), kvc.from_rows(v_pool, geometry)
-    return logits, kv.replace(k_pages=k_pool, v_pages=v_pool)
+      k_sc, v_sc = kvc.from_scale_rows(k_sc, geometry), kvc.from_scale_rows(v_sc, geometry)
+    return logits, kv.replace(k_pages=k_pool, v_pages=v_pool, k_scales=k_sc, v_scales=v_sc)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,13 @@ class ModelRunner:
     block_size: tokens per block.
     num_host_blocks: host swap-pool blocks (0: no swapping).
     max_model_len: context limit (sets the block-table width).
-    dtype: KV and compute dtype.
+    dtype: compute dtype (and the KV dtype when kv_cache_dtype is None).
+    kv_cache_dtype: None (= dtype), or the pages' dtype: float32, bfloat16, or int8 /
+      float8_e4m3fn (quantized on write, with per-token scales; see kv_cache).
+    swap_dtype: None (swapped blocks kept as the device stores them), or int8 /
+      float8_e4m3fn: an unquantized pool's blocks are stored quantized in the host pool.
+    async_swap: dispatch swaps without waiting (JAX orders them before later uses of
+      the pools); False waits for each swap to land (the synchronous baseline).
     attention_impl: "xla", "pallas" or "pallas_interpret".
     vocab_size: the tokenizer's vocabulary (ids beyond it are never sampled).
     max_num_seqs: most sample rows in a step (sets the sample-row bucket of steps with
@@ -74,7 +81,8 @@ class ModelRunner:
 
   def __init__(self, module, *, num_blocks: int, block_size: int, num_host_blocks: int,
                max_model_len: int, dtype, attention_impl: str, vocab_size: int,
-               max_num_seqs: int = 64):
+               max_num_seqs: int = 64, kv_cache_dtype=None, swap_dtype=None,
+               async_swap: bool = True):
     if attention_impl not in IMPLS:
       raise ValueError(f"attention_impl must be one of {IMPLS}, got {attention_impl!r}")
     cfg = module.cfg
@@ -82,6 +90,11 @@ class ModelRunner:
     self.impl = attention_impl
     self.max_num_seqs = max_num_seqs
     self.dtype = jnp.dtype(dtype)
+    self.kv_cache_dtype = self.dtype if kv_cache_dtype is None else jnp.dtype(kv_cache_dtype)
+    self.swap_dtype = None if swap_dtype is None else jnp.dtype(swap_dtype)
+    self.async_swap = async_swap
+    # Swap traffic and the host time spent issuing (async) or waiting for (sync) swaps.
+    self.swap_stats = {"swap_out_bytes": 0, "swap_in_bytes": 0, "swap_time_s": 0.0}
     self.block_size = block_size
     self.vocab_size = vocab_size
     self.max_blocks_per_seq = ceil_div(max_model_len, block_size)
@@ -104,18 +117,31 @@ class ModelRunner:
     # The xla path writes with integer scatters (see kv_cache.to_storage).
     return kvc.init_kv_cache(num_layers=g.num_layers, num_kv_heads=g.num_kv_heads,
                              num_blocks=g.num_blocks, block_size=g.block_size,
-                             head_dim=g.head_dim, dtype=self.dtype,
+                             head_dim=g.head_dim, dtype=self.kv_cache_dtype,
                              bit_storage=self.impl == "xla")
 
   def _new_host_pool(self):
     if not self._num_host_blocks:
       return None
-    return kvc.init_host_pool(self.kv, round_up(self._num_host_blocks, POOL_GRANULE))
+    swap_dtype = None if self.kv.quantized else self.swap_dtype
+    return kvc.init_host_pool(self.kv, round_up(self._num_host_blocks, POOL_GRANULE),
+                              dtype=swap_dtype)
 
   @property
   def bytes_per_block(self) -> int:
-    g = self._geometry
-    return 2 * g.num_layers * g.num_kv_heads * g.block_size * g.head_dim * self.dtype.itemsize
+    """Device bytes of one block: all layers, K and V, scales included."""
+    return self.kv.bytes_per_block
+
+  @property
+  def host_dtype(self) -> str:
+    """The dtype swapped-out blocks are stored in (bit patterns named by their values' type)."""
+    if self.host_pool is not None and self.host_pool.quantized and not self.kv.quantized:
+      return str(self.swap_dtype)
+    return str(self.kv.dtype)
+
+  @property
+  def host_bytes_per_block(self) -> int:
+    return 0 if self.host_pool is None else self.host_pool.bytes_per_block
 
   def state_is_lost(self) -> tuple[bool, bool]:
     """(device pages lost, host pool lost): buffers deleted by a donated call that failed."""
@@ -134,12 +160,21 @@ class ModelRunner:
   # -------------------------------------------------------------- block ops
   def copy_blocks(self, so) -> None:
     """Swap-out, swap-in, then copy-on-write copies, each in place (donated)."""
-    if so.swap_out:
-      dev, host = (np.asarray(x, np.int32) for x in zip(*so.swap_out))
-      self.host_pool = kvc.swap_out_blocks(self.kv, self.host_pool, dev, host)
-    if so.swap_in:
-      host, dev = (np.asarray(x, np.int32) for x in zip(*so.swap_in))
-      self.kv = kvc.swap_in_blocks(self.kv, self.host_pool, host, dev)
+    if so.swap_out or so.swap_in:
+      start = time.perf_counter()
+      if so.swap_out:
+        dev, host = (np.asarray(x, np.int32) for x in zip(*so.swap_out))
+        self.host_pool = kvc.swap_out_blocks(self.kv, self.host_pool, dev, host)
+        self.swap_stats["swap_out_bytes"] += len(dev) * self.host_bytes_per_block
+        if not self.async_swap:
+          jax.block_until_ready(self.host_pool)
+      if so.swap_in:
+        host, dev = (np.asarray(x, np.int32) for x in zip(*so.swap_in))
+        self.kv = kvc.swap_in_blocks(self.kv, self.host_pool, host, dev)
+        self.swap_stats["swap_in_bytes"] += len(dev) * self.host_bytes_per_block
+        if not self.async_swap:
+          jax.block_until_ready(self.kv)
+      self.swap_stats["swap_time_s"] += time.perf_counter() - start
     if so.cow:
       src, dst = (np.asarray(x, np.int32) for x in zip(*so.cow))
       self.kv = kvc.copy_blocks(self.kv, src, dst)
