@@ -40,8 +40,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.engine.preemption_mode = "recompute"
   # Attention path: "auto" (pallas on GPU, xla on CPU), "xla", "pallas", "pallas_interpret".
   config.engine.attention_impl = "auto"
-  # KV cache / compute dtype: "float32" or "bfloat16".
+  # Compute dtype (and the KV cache's under kv_cache_dtype "auto"): "float32" or "bfloat16".
   config.engine.dtype = "float32"
+  # KV pages: "auto" (= dtype), "float32", "bfloat16", or quantized with per-token scales:
+  # "int8", "fp8" (float8_e4m3fn); a quantized cache holds ~3.6x the blocks of float32.
+  config.engine.kv_cache_dtype = "auto"
+  # Swapped-out blocks in the host pool: "auto" (as the device stores them), "int8", "fp8".
+  config.engine.swap_dtype = "auto"
+  # Issue swaps without waiting for them (False: wait for each, the synchronous baseline).
+  config.engine.async_swap = True
   # Seeds requests that do not set their own.
   config.engine.seed = 0
 

@@ -60,6 +60,7 @@ def _build_llm(config: ml_collections.ConfigDict) -> LLM:
              enable_chunked_prefill=e.enable_chunked_prefill,
              enable_prefix_caching=e.enable_prefix_caching,
              preemption_mode=e.preemption_mode, attention_impl=e.attention_impl, dtype=e.dtype,
+             kv_cache_dtype=e.kv_cache_dtype, swap_dtype=e.swap_dtype, async_swap=e.async_swap,
              kv_cache_memory_mb=e.kv_cache_memory_mb, seed=e.seed)
 
 
@@ -68,6 +69,7 @@ def memory_report(stats: dict, elapsed_s: float) -> str:
   lines = [
       f"blocks: {stats['num_blocks']} x {stats['block_size']} tokens, used now {used}, "
       f"free {stats['num_free_blocks']}, peak used {stats['peak_used_blocks']}",
+      f"KV cache: {stats['kv_cache_dtype']}, {stats['bytes_per_block']} bytes per block",
       f"prefix cache: {stats['prefix_cache_hits']} of {stats['prefix_cache_queries']} prompt "
       f"tokens hit, {stats['num_cached_blocks']} blocks cached, "
       f"{stats['num_evicted_blocks']} evicted",
