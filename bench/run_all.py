@@ -38,6 +38,7 @@ EXPERIMENTS = (
   "prefix_caching",
   "serving_http",
   "memory_timeline",
+  "kv_quantization",
 )
 _MAX_FALLBACK_FIGURES = 6
 
