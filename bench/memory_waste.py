@@ -109,8 +109,7 @@ def make_engine(traces: list, block_size: int) -> LLM:
 
 
 def _bytes_per_slot(llm: LLM) -> int:
-  cfg = llm.model_config
-  return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * llm.runner.dtype.itemsize
+  return llm.runner.bytes_per_block // llm.block_size  # scales included when quantized
 
 
 def plot(rows: list[dict], path) -> None:

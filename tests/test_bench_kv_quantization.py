@@ -41,16 +41,22 @@ def test_accuracy_sections(report):
   assert all(0.3 < v < 3 for v in bpb.values())
   assert abs(bpb[("int8", "token")] - bpb[("auto", "-")]) < 0.05
   (agree,) = rep["agreement"]
-  assert agree["kv_cache_dtype"] == "int8" and 0 <= agree["identical_token_fraction"] <= 1
+  # 2 prompts x 8 tokens: int8 drifts from float32 only at near-ties (full run: first
+  # divergence at token 33 or later), so most of these tokens agree
+  assert agree["kv_cache_dtype"] == "int8" and agree["identical_token_fraction"] >= 0.5
+  assert len(agree["float32_top2_margin_at_divergence"]) == 2 - agree["prompts_fully_identical"]
 
 
 def test_capacity_and_swap_sections(report):
   _, rep = report
   cap = {r["kv_cache_dtype"]: r for r in rep["capacity"]}
   assert cap["auto"]["bytes_per_block"] == 65536 and cap["int8"]["bytes_per_block"] == 18432
-  assert cap["int8"]["num_blocks"] == int(2 * 2**20) // 18432 > 3 * cap["auto"]["num_blocks"]
+  budget = rep["inputs"]["kv_cache_memory_mb"] * 2**20
+  assert cap["auto"]["num_blocks"] == budget // 65536
+  assert cap["int8"]["num_blocks"] == budget // 18432 > 3 * cap["auto"]["num_blocks"]
   assert rep["headline"]["int8 blocks per MiB vs float32"] == round(65536 / 18432, 3)
   for r in rep["swap"]:
+    assert r["num_preemptions_swap"] > 0 and r["blocks_swapped"] > 0
     assert r["outputs_equal_async"] is True
     assert r["host_bytes_per_block"] == 18432
     assert r["swap_mib"] == pytest.approx(r["blocks_swapped"] * 18432 / 2**20)

@@ -168,6 +168,28 @@ def test_swap_of_a_quantized_pool_moves_values_and_scales_exactly(dtype, memory_
 
 
 @pytest.mark.parametrize("memory_kind", ["pinned_host", "numpy"])
+def test_fp8_pool_without_bit_storage_swaps_exactly_with_its_dtype_named(memory_kind):
+  cache = _filled(jnp.float8_e4m3fn, bit_storage=False)  # the Pallas impls' storage
+  assert cache.k_pages.dtype == jnp.float8_e4m3fn
+  before = jax.tree.map(np.asarray, cache)
+  pool = kvc.init_host_pool(cache, 4, memory_kind=memory_kind, dtype=jnp.float8_e4m3fn)
+  assert pool.k_blocks.dtype == jnp.float8_e4m3fn
+  pool = kvc.swap_out_blocks(cache, pool, [1, 3], [2, 0])
+  cache = kvc.swap_in_blocks(cache, pool, [2, 0], [6, 7])
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(cache)):
+    np.testing.assert_array_equal(np.asarray(b, np.float32)[:, :, [6, 7]],
+                                  np.asarray(a, np.float32)[:, :, [1, 3]])
+
+
+def test_tiny_vectors_quantize_to_finite_values():
+  x = jnp.full((2, 8), 1e-44)  # amax / qmax would be subnormal
+  for dtype in QDTYPES:
+    values, scales = kvc.quantize_kv(x, dtype)
+    back = kvc.dequantize_kv(values, scales)
+    assert bool(jnp.all(jnp.isfinite(back))) and float(jnp.abs(back - x).max()) < 1e-37
+
+
+@pytest.mark.parametrize("memory_kind", ["pinned_host", "numpy"])
 @pytest.mark.parametrize("dtype", QDTYPES, ids=IDS.get)
 def test_quantized_swap_of_a_float_pool_rounds_like_quantize_kv(dtype, memory_kind):
   cache = _filled(jnp.float32)
@@ -266,6 +288,34 @@ def test_quantized_swap_of_a_float_pool_is_stated():
 def test_bad_kv_dtype_options_raise_value_error(kw, match):
   with pytest.raises(ValueError, match=match):
     LLM(num_blocks=4, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(kv_cache_dtype="bfloat16"),
+                                dict(kv_cache_dtype="float32", dtype="bfloat16")])
+def test_pallas_refuses_float_pages_of_another_dtype(kw):
+  with pytest.raises(ValueError, match="kv_cache_dtype"):
+    LLM(num_blocks=4, attention_impl="pallas_interpret", **kw)
+
+
+def test_a_failed_synchronous_swap_counts_as_lost_state(monkeypatch):
+  llm = LLM(num_blocks=12, max_num_seqs=4, preemption_mode="swap", async_swap=False)
+  runner = llm.runner
+  real = jax.block_until_ready
+
+  def fail(tree):
+    if tree is runner.host_pool:
+      raise RuntimeError("injected: the copy failed")
+    return real(tree)
+
+  monkeypatch.setattr(jax, "block_until_ready", fail)
+  outs = llm.generate(PROMPTS, GREEDY)
+  monkeypatch.undo()
+  assert any(o.outputs[0].finish_reason == "error" for o in outs)
+  assert llm.memory_stats()["num_failed_steps"] > 0
+  again = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0.0))
+  assert again[0].outputs[0].finish_reason == "length"  # the engine serves on
+  st = llm.memory_stats()
+  assert st["num_free_blocks"] == st["num_blocks"]
 
 
 def test_async_swap_must_be_a_bool():

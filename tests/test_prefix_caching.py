@@ -131,6 +131,26 @@ def test_swap_keeps_the_device_copy_cached_and_registers_again_on_swap_in():
   assert set(back.values()) == set(table)
 
 
+def test_a_lossy_swap_in_never_feeds_the_cache_again():
+  """A quantized host pool (swap_dtype) returns rounded K/V: the swapped-in sequence, its
+  forks and everything it computes after are never registered, so no other request can
+  hit values another request's preemption rounded."""
+  bm = BlockManager(8, 2, num_host_blocks=6, enable_caching=True, lossy_swap=True)
+  toks = [1, 2, 3, 4, 5]
+  _filled(bm, "a", toks)
+  bm.swap_out("a")
+  bm.reset_prefix_cache()  # the exact device copies are gone
+  bm.swap_in("a")
+  assert bm.lookup_prefix(toks).blocks == () and bm.num_cached_blocks == 0
+  bm.append_slots("a", 3)  # now 8 tokens: two more full blocks
+  bm.cache_full_blocks("a", lambda i, j: (toks + [6, 7, 8])[i:j])
+  bm.fork("a", "a2")
+  bm.cache_full_blocks("a2", lambda i, j: (toks + [6, 7, 8])[i:j])
+  assert bm.num_cached_blocks == 0
+  _filled(bm, "c", [9, 9, 9, 9])  # other sequences still cache
+  assert bm.num_cached_blocks == 2
+
+
 # ------------------------------------------------------------------ engine
 @pytest.fixture(scope="module")
 def reference():

@@ -27,7 +27,10 @@ their memory is needed (see `BlockAllocator`: LRU; a sequence releases its block
 first, so a chain's tail is evicted before its head). A swapped-out sequence's device
 blocks stay cached while it is on the host (evictable once nobody else holds them); on
 swap-in its blocks land in fresh device blocks and are registered again where their
-hash is no longer cached.
+hash is no longer cached. With a lossy swap (`lossy_swap=True`: the host pool stores an
+unquantized device pool's blocks quantized) a swapped-in sequence's K/V are rounded, and so
+is everything it computes after: its blocks are never registered again (`_Seq.cacheable`),
+so no other request can hit values another request's preemption rounded.
 
 Errors: a bad sequence id or an act on a sequence in the wrong place raises
 `SequenceStateError` (a `ValueError` naming the id); a pool too small raises
@@ -156,15 +159,16 @@ class _Seq:
   """One sequence's block table; `swapped` says which pool the ids refer to; with prefix
   caching, what its first full blocks hold (hash, parent hash, tokens; registered or
   hit) and its salt."""
-  __slots__ = ("table", "num_tokens", "swapped", "entries", "cache_salt")
+  __slots__ = ("table", "num_tokens", "swapped", "entries", "cache_salt", "cacheable")
 
   def __init__(self, table: list[int], num_tokens: int, entries: list | None = None,
-               cache_salt: str | None = None):
+               cache_salt: str | None = None, cacheable: bool = True):
     self.table = table
     self.num_tokens = num_tokens
     self.swapped = False
     self.entries: list[_CacheEntry] = entries if entries is not None else []
     self.cache_salt = cache_salt
+    self.cacheable = cacheable  # False once its K/V went through a lossy swap
 
 
 class BlockManager:
@@ -185,7 +189,7 @@ class BlockManager:
   """
 
   def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0, *,
-               watermark: float = 0.0, enable_caching: bool = False):
+               watermark: float = 0.0, enable_caching: bool = False, lossy_swap: bool = False):
     """Creates a manager with both pools empty.
 
     Args:
@@ -194,6 +198,9 @@ class BlockManager:
       num_host_blocks: Host (swap) blocks, >= 0.
       watermark: Fraction of device blocks, in [0, 1), that admission checks
         (`can_allocate`, `can_swap_in`) leave free.
+      enable_caching: prefix caching on.
+      lossy_swap: swapped blocks come back rounded (a quantized host pool): swapped-in
+        sequences stop feeding the prefix cache.
 
     Raises:
       ValueError: on a value out of range.
@@ -213,6 +220,7 @@ class BlockManager:
     self._seqs: dict[Hashable, _Seq] = {}
     self._peak_used = 0
     self.enable_caching = enable_caching
+    self.lossy_swap = lossy_swap
     self._cache: dict[bytes, int] = {}  # block hash -> device block
     self._entries: dict[int, _CacheEntry] = {}  # cached device block -> what it holds
     self.device_allocator.on_evict = self._evicted
@@ -375,6 +383,8 @@ class BlockManager:
     if not self.enable_caching:
       return
     seq = self._get_resident(seq_id)
+    if not seq.cacheable:
+      return
     bs = self.block_size
     for i in range(len(seq.entries), seq.num_tokens // bs):
       parent = seq.entries[-1].hash if seq.entries else None
@@ -545,7 +555,7 @@ class BlockManager:
     for block in table:
       self.device_allocator.incref(block)
     self._seqs[child_id] = _Seq(table, num_blocks * self.block_size,
-                                parent.entries[:num_blocks], parent.cache_salt)
+                                parent.entries[:num_blocks], parent.cache_salt, parent.cacheable)
 
   # ----------------------------------------------------------- fork / free
   def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
@@ -560,7 +570,7 @@ class BlockManager:
     for block in parent.table:
       self.device_allocator.incref(block)
     self._seqs[child_id] = _Seq(list(parent.table), parent.num_tokens, list(parent.entries),
-                                parent.cache_salt)
+                                parent.cache_salt, parent.cacheable)
 
   def free(self, seq_id: Hashable) -> None:
     """Drops the sequence (resident or swapped); unshared blocks return to their pool.
@@ -764,8 +774,10 @@ class BlockManager:
       seq.swapped = to_host
     if not to_host:
       self._note_usage()
-      if self.enable_caching:  # back on the device: register the blocks again
-        for seq in group:
+      for seq in group:
+        if self.lossy_swap:  # rounded K/V: never shared through the cache
+          seq.cacheable = False
+        elif self.enable_caching:  # back on the device: register the blocks again
           for block, entry in zip(seq.table, seq.entries):
             self._register(block, entry)
     return list(mapping.items())

@@ -63,6 +63,22 @@ def _check_choice(name, value, choices):
   return value
 
 
+def _check_kv_dtype_for_impl(kv_cache_dtype: str, dtype: str, impl: str) -> None:
+  """The Pallas kernels take float pages of q's dtype, or int8 / fp8 pages with scales;
+  Triton lowers fp8 casts on compute capability >= 8.9 only."""
+  if impl not in ("pallas", "pallas_interpret"):
+    return
+  if kv_cache_dtype in ("float32", "bfloat16") and kv_cache_dtype != dtype:
+    raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} with dtype {dtype!r}: the Pallas "
+                     f"kernels need float pages of the compute dtype (use 'auto', 'int8' or "
+                     f"'fp8', or attention_impl='xla')")
+  if kv_cache_dtype == "fp8" and impl == "pallas":
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    if cc is not None and tuple(int(x) for x in str(cc).split(".")[:2]) < (8, 9):
+      raise ValueError(f"kv_cache_dtype 'fp8' needs a GPU of compute capability >= 8.9 for the "
+                       f"Pallas kernels, this one has {cc} (use 'int8')")
+
+
 class LLM:
   """A paged-KV serving engine shaped like vLLM's `LLM`.
 
@@ -143,6 +159,7 @@ class LLM:
       raise ValueError(f"kv_cache_memory_mb must be a positive number, got {kv_cache_memory_mb!r}")
     if attention_impl == "auto":
       attention_impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    _check_kv_dtype_for_impl(kv_cache_dtype, dtype, attention_impl)
     cfg, module, self.tokenizer = checkpoint.load(model, max_seq_len=max_model_len,
                                                   **({"skip_tokenizer_init": True}
                                                      if skip_tokenizer_init else {}))
@@ -167,7 +184,8 @@ class LLM:
     num_host_blocks = num_blocks if num_host_blocks is None else num_host_blocks
     self.enable_prefix_caching = enable_prefix_caching
     self.bm = BlockManager(num_blocks, block_size, num_host_blocks, watermark=0.01,
-                           enable_caching=enable_prefix_caching)
+                           enable_caching=enable_prefix_caching,
+                           lossy_swap=swap_dtype != "auto" and kv_cache_dtype not in ("int8", "fp8"))
     self.scheduler = Scheduler(self.bm, max_num_seqs=self.max_num_seqs,
                                max_num_batched_tokens=max_num_batched_tokens,
                                max_model_len=cfg.max_seq_len,

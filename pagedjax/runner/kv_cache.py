@@ -107,7 +107,8 @@ def quantize_kv(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   qmax = QMAX[dtype]
   x = x.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x), axis=-1)
-  scale = jnp.where(amax > 0, amax / qmax, 1.0)
+  # A normal float32 at least (a subnormal scale could be flushed to zero: x / 0).
+  scale = jnp.where(amax > 0, jnp.maximum(amax / qmax, jnp.finfo(jnp.float32).tiny), 1.0)
   y = x / scale[..., None]
   if dtype == jnp.int8:
     y = jnp.clip(jnp.round(y), -qmax, qmax)
@@ -495,7 +496,8 @@ def init_host_pool(
       raise ValueError(f"host pool dtype must be None, int8 or float8_e4m3fn, got {dtype}")
     if cache.quantized and dtype != cache.dtype:
       raise ValueError(f"a {cache.dtype} device pool swaps as {cache.dtype}, not {dtype}")
-    storage = _BIT_STORAGE.get(dtype, dtype)  # numpy-friendly: fp8 as uint8 bits
+    if not cache.quantized:  # a quantized pool's blocks are copied bit for bit, as stored
+      storage = _BIT_STORAGE.get(dtype, dtype)  # numpy-friendly: fp8 as uint8 bits
   sharding = _host_sharding()
   if memory_kind == "pinned_host" and sharding is None:
     raise ValueError(f"backend {jax.default_backend()!r} has no pinned_host memory kind")

@@ -56,6 +56,18 @@ class DeviceSampling:
   banned_ids: tuple[int, ...]
 
 
+def _wait_or_delete(tree) -> None:
+  """Waits for a swap's output; if the copy failed, deletes it (and re-raises), so that
+  `state_is_lost` sees it lost, as it sees the donated input of any failed call."""
+  try:
+    jax.block_until_ready(tree)
+  except Exception:
+    for x in jax.tree.leaves(tree):
+      if isinstance(x, jax.Array) and not x.is_deleted():
+        x.delete()
+    raise
+
+
 class ModelRunner:
   """Device state and the jitted step for one model.
 
@@ -167,13 +179,13 @@ class ModelRunner:
         self.host_pool = kvc.swap_out_blocks(self.kv, self.host_pool, dev, host)
         self.swap_stats["swap_out_bytes"] += len(dev) * self.host_bytes_per_block
         if not self.async_swap:
-          jax.block_until_ready(self.host_pool)
+          _wait_or_delete(self.host_pool)
       if so.swap_in:
         host, dev = (np.asarray(x, np.int32) for x in zip(*so.swap_in))
         self.kv = kvc.swap_in_blocks(self.kv, self.host_pool, host, dev)
         self.swap_stats["swap_in_bytes"] += len(dev) * self.host_bytes_per_block
         if not self.async_swap:
-          jax.block_until_ready(self.kv)
+          _wait_or_delete(self.kv)
       self.swap_stats["swap_time_s"] += time.perf_counter() - start
     if so.cow:
       src, dst = (np.asarray(x, np.int32) for x in zip(*so.cow))
