@@ -9,7 +9,9 @@
   temporary directory per run, removed at its end), so a program one worker compiled is
   loaded, not compiled again, by the other. A run without xdist needs none: compiled
   programs are already shared within a process.
-Subprocesses the tests start (main.py) inherit both through the environment.
+Both are set through the environment (XLA_FLAGS, JAX_COMPILATION_CACHE_DIR), so the
+subprocesses the tests start (main.py, the notebook's kernel, the server of
+bench.serving_http) compile the same way and share the same cache.
 """
 
 import os
@@ -34,10 +36,14 @@ def pytest_configure(config):
   if getattr(config.option, "numprocesses", None) and not os.environ.get(_CACHE_ENV):
     os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="pagedjax-xla-cache-")
     config._pagedjax_cache = os.environ[_CACHE_ENV]
+    # read by jax at import, in the workers and in every subprocess they start
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_ENV]
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 
 def pytest_unconfigure(config):
   path = getattr(config, "_pagedjax_cache", None)
   if path:
     shutil.rmtree(path, ignore_errors=True)
-    os.environ.pop(_CACHE_ENV, None)
+    for name in (_CACHE_ENV, "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+      os.environ.pop(name, None)
