@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagedjax.runner.kv_cache import dequantize_kv, quantize_kv
+from pagedjax.runner.kv_cache import dequantize_kv
+from quantized_pages import QUANT_DTYPES, QUANT_ERROR, quantize_case
 from pallas_kernels import ragged_paged_attention as rpa
 
 # Run the compiled kernel where a GPU is present, the interpreter elsewhere.
@@ -509,30 +510,8 @@ def test_inconsistent_inputs_raise_value_error(shapes, layer, match):
     _lower_for_cuda(shapes, layer=layer)
 
 
-# Quantized pages: int8 / float8_e4m3fn values with one float32 scale per token.
-
-QUANT_DTYPES = [jnp.int8, jnp.float8_e4m3fn]
-# Max abs error of attention over quantized unit-normal K/V vs the float32 K/V. The
-# worst seen over 80 cases (20 seeds x head_dim 8..128, decode and ragged) was 0.030
-# for int8 and 0.13 for float8_e4m3fn (3 mantissa bits).
-QUANT_ERROR = {jnp.int8: 5e-2, jnp.float8_e4m3fn: 0.25}
-
-
-def quantize_case(k, k_clean, dtype):
-  """k_clean quantized per token with quantize_kv, and the same poisoned.
-
-  Every slot that k marks unused (NaN) gets a NaN scale, and in the poisoned values
-  NaN (float8) or -128 (int8: a value quantize_kv never writes).
-
-  Returns:
-    (values, scales, clean_values, clean_scales).
-  """
-  clean_values, clean_scales = quantize_kv(k_clean, dtype)
-  unused = jnp.isnan(k[..., 0])  # [..., page_size] slots no query reads
-  garbage = jnp.nan if dtype == jnp.float8_e4m3fn else -128
-  values = jnp.where(unused[..., None], jnp.asarray(garbage, dtype), clean_values)
-  scales = jnp.where(unused, jnp.nan, clean_scales)
-  return values, scales, clean_values, clean_scales
+# Quantized pages: int8 / float8_e4m3fn values with one float32 scale per token
+# (helpers in tests/quantized_pages.py).
 
 
 def _quantized_args(case, pages_dtype):

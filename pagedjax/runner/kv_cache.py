@@ -122,8 +122,26 @@ def dequantize_kv(values: jax.Array, scales: jax.Array) -> jax.Array:
   return values.astype(jnp.float32) * scales.astype(jnp.float32)[..., None]
 
 
+class _Blocks:
+  """What the device cache and the host pool share: block arrays (pages, and scales when
+  quantized) with blocks on axis 2."""
+
+  @property
+  def quantized(self) -> bool:
+    return self.k_scales is not None
+
+  @property
+  def nbytes(self) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(self))
+
+  @property
+  def bytes_per_block(self) -> int:
+    """Bytes of one block in all layers, K and V, scales included."""
+    return self.nbytes // self.num_blocks
+
+
 @flax.struct.dataclass
-class KVCache:
+class KVCache(_Blocks):
   """K and V pages of every layer.
 
   Attributes:
@@ -166,18 +184,6 @@ class KVCache:
     """The values' dtype (bfloat16 for bit-pattern storage)."""
     return _LOGICAL.get(self.k_pages.dtype, self.k_pages.dtype)
 
-  @property
-  def quantized(self) -> bool:
-    return self.k_scales is not None
-
-  @property
-  def nbytes(self) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(self))
-
-  @property
-  def bytes_per_block(self) -> int:
-    """Bytes of one block in all layers, K and V, scales included."""
-    return self.nbytes // self.num_blocks
 
 
 def block_bytes(num_layers: int, num_kv_heads: int, block_size: int, head_dim: int,
@@ -430,7 +436,7 @@ def _host_sharding() -> SingleDeviceSharding | None:
 
 
 @flax.struct.dataclass
-class HostKVPool:
+class HostKVPool(_Blocks):
   """Swapped-out K/V blocks in host memory.
 
   Attributes:
@@ -454,18 +460,6 @@ class HostKVPool:
   def num_blocks(self) -> int:
     return self.k_blocks.shape[2]
 
-  @property
-  def quantized(self) -> bool:
-    return self.k_scales is not None
-
-  @property
-  def nbytes(self) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(self))
-
-  @property
-  def bytes_per_block(self) -> int:
-    """Host bytes of one swapped block (all layers, K and V, scales included)."""
-    return self.nbytes // self.num_blocks
 
 
 def init_host_pool(
