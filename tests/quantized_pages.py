@@ -1,6 +1,7 @@
 """Quantized pages for the kernel tests: int8 / float8_e4m3fn values with one float32
 scale per token (pagedjax.runner.kv_cache.quantize_kv), clean and poisoned."""
 
+import jax
 import jax.numpy as jnp
 
 from pagedjax.runner.kv_cache import quantize_kv
@@ -28,3 +29,11 @@ def quantize_case(k, k_clean, dtype):
   values = jnp.where(unused[..., None], jnp.asarray(garbage, dtype), clean_values)
   scales = jnp.where(unused, jnp.nan, clean_scales)
   return values, scales, clean_values, clean_scales
+
+
+def quantized_shapes(shapes: dict, pages_dtype) -> dict:
+  """Abstract kernel arguments `shapes` with k/v pages of pages_dtype and their float32
+  scales (k_scales, v_scales: the pages' shape without head_dim)."""
+  pages = jax.ShapeDtypeStruct(shapes["k_pages"].shape, pages_dtype)
+  scales = jax.ShapeDtypeStruct(pages.shape[:-1], jnp.float32)
+  return dict(shapes, k_pages=pages, v_pages=pages, k_scales=scales, v_scales=scales)

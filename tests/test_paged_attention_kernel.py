@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pagedjax.runner.kv_cache import dequantize_kv
-from quantized_pages import QUANT_DTYPES, QUANT_ERROR, quantize_case
+from quantized_pages import QUANT_DTYPES, QUANT_ERROR, quantize_case, quantized_shapes
 from pallas_kernels import paged_attention as pa
 
 # Run the compiled kernel where a GPU is present, the interpreter elsewhere.
@@ -81,6 +81,17 @@ CASES = [
 ]
 
 
+def _assert_matches(out, expected, q, dtype):
+  """The kernel's output: q's shape and dtype, finite, zeros for length 0 (row 0), and
+  the reference's values within the dtype's tolerance."""
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert np.isfinite(np.asarray(out, np.float32)).all(), "NaN of an unused slot leaked"
+  np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)  # length 0
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(expected, np.float32),
+                             atol=TOLERANCE[dtype], rtol=0)
+
+
 @pytest.mark.parametrize(
     "page_size,head_dim,ratio,num_kv_heads,dtype,k_splits,ppcb,pages_per_seq,sm_scale",
     CASES,
@@ -97,12 +108,7 @@ def test_kernel_matches_reference(page_size, head_dim, ratio, num_kv_heads, dtyp
                            interpret=INTERPRET)
   expected = pa.paged_attention_reference(q, k_clean, v_clean, block_tables, lengths,
                                           sm_scale=sm_scale)
-  assert out.shape == q.shape and out.dtype == q.dtype
-  assert np.isfinite(np.asarray(out, np.float32)).all(), "NaN of an unused slot leaked"
-  np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)  # length 0
-  np.testing.assert_allclose(np.asarray(out, np.float32),
-                             np.asarray(expected, np.float32),
-                             atol=TOLERANCE[dtype], rtol=0)
+  _assert_matches(out, expected, q, dtype)
 
 
 def test_reference_matches_dense_attention_per_sequence():
@@ -253,12 +259,7 @@ def test_quantized_kernel_matches_reference(page_size, head_dim, ratio, num_kv_h
   expected = pa.paged_attention_reference(q, kq_clean, vq_clean, block_tables,
                                           lengths, k_scales=ks_clean,
                                           v_scales=vs_clean)
-  assert out.shape == q.shape and out.dtype == q.dtype
-  assert np.isfinite(np.asarray(out, np.float32)).all(), "NaN of an unused slot leaked"
-  np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)  # length 0
-  np.testing.assert_allclose(np.asarray(out, np.float32),
-                             np.asarray(expected, np.float32),
-                             atol=TOLERANCE[dtype], rtol=0)
+  _assert_matches(out, expected, q, dtype)
 
 
 @pytest.mark.parametrize("pages_dtype", QUANT_DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -284,10 +285,7 @@ def test_quantized_reference_is_reference_on_dequantized_pages(pages_dtype):
 
 def _quantized_shapes(pages_dtype, **overrides):
   """_shapes(**overrides) with pages of pages_dtype and their float32 scales."""
-  shapes = _shapes(**overrides)
-  pages = jax.ShapeDtypeStruct(shapes["k_pages"].shape, pages_dtype)
-  scales = jax.ShapeDtypeStruct(pages.shape[:-1], jnp.float32)
-  return dict(shapes, k_pages=pages, v_pages=pages, k_scales=scales, v_scales=scales)
+  return quantized_shapes(_shapes(**overrides), pages_dtype)
 
 
 def _lower_quantized_for_cuda(shapes, **kwargs):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from pagedjax.runner.kv_cache import dequantize_kv
-from quantized_pages import QUANT_DTYPES, QUANT_ERROR, quantize_case
+from quantized_pages import QUANT_DTYPES, QUANT_ERROR, quantize_case, quantized_shapes
 from pallas_kernels import ragged_paged_attention as rpa
 
 # Run the compiled kernel where a GPU is present, the interpreter elsewhere.
@@ -576,10 +576,7 @@ def test_quantized_reference_is_reference_on_dequantized_pages(pages_dtype):
 
 def _quantized_shapes(pages_dtype, **overrides):
   """_shapes(**overrides) with pages of pages_dtype and their float32 scales."""
-  shapes = _shapes(**overrides)
-  pages = jax.ShapeDtypeStruct(shapes["k_pages"].shape, pages_dtype)
-  scales = jax.ShapeDtypeStruct(pages.shape[:-1], jnp.float32)
-  return dict(shapes, k_pages=pages, v_pages=pages, k_scales=scales, v_scales=scales)
+  return quantized_shapes(_shapes(**overrides), pages_dtype)
 
 
 def _lower_quantized_for_cuda(shapes, layer=None, **kwargs):

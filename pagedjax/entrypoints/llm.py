@@ -182,10 +182,12 @@ class LLM:
     if num_blocks is None:
       num_blocks = max(1, int(kv_cache_memory_mb * 2**20) // bytes_per_block)
     num_host_blocks = num_blocks if num_host_blocks is None else num_host_blocks
+    self.runner = ModelRunner(module, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
+                              max_num_seqs=self.max_num_seqs, **self.runner_kwargs)
     self.enable_prefix_caching = enable_prefix_caching
     self.bm = BlockManager(num_blocks, block_size, num_host_blocks, watermark=0.01,
                            enable_caching=enable_prefix_caching,
-                           lossy_swap=swap_dtype != "auto" and kv_cache_dtype not in ("int8", "fp8"))
+                           lossy_swap=self.runner.lossy_swap)
     self.scheduler = Scheduler(self.bm, max_num_seqs=self.max_num_seqs,
                                max_num_batched_tokens=max_num_batched_tokens,
                                max_model_len=cfg.max_seq_len,
@@ -193,8 +195,6 @@ class LLM:
                                preemption_mode=preemption_mode,
                                enable_chunked_prefill=enable_chunked_prefill,
                                reservation=kv_reservation)
-    self.runner = ModelRunner(module, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
-                              max_num_seqs=self.max_num_seqs, **self.runner_kwargs)
     self._request_counter = itertools.count()
     self._arrivals = itertools.count()
     self._seed_rng = np.random.default_rng(seed)

@@ -138,6 +138,7 @@ def ragged_paged_attention(q, k, v, meta: AttentionMetadata, *, layer, sm_scale:
   from pallas_kernels.ragged_paged_attention import ragged_paged_attention as kernel
 
   scales = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
+  k, v = kvc.from_storage(k), kvc.from_storage(v)  # as _pallas_decode: bit patterns viewed
   return kernel(q, k, v, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
                 sm_scale=sm_scale, layer=layer, interpret=impl == "pallas_interpret", **scales)
 

@@ -145,11 +145,14 @@ class ModelRunner:
     return self.kv.bytes_per_block
 
   @property
+  def lossy_swap(self) -> bool:
+    """Swapped blocks come back rounded: an unquantized pool swapped to a quantized host pool."""
+    return self.host_pool is not None and self.host_pool.quantized and not self.kv.quantized
+
+  @property
   def host_dtype(self) -> str:
     """The dtype swapped-out blocks are stored in (bit patterns named by their values' type)."""
-    if self.host_pool is not None and self.host_pool.quantized and not self.kv.quantized:
-      return str(self.swap_dtype)
-    return str(self.kv.dtype)
+    return str(self.swap_dtype) if self.lossy_swap else str(self.kv.dtype)
 
   @property
   def host_bytes_per_block(self) -> int:
