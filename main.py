@@ -5,6 +5,7 @@
   python main.py --config.engine.block_size=32 --config.engine.num_blocks=64
   python main.py --mode=train                      # reproduce the bundled weights
   python main.py --mode=server                     # OpenAI-compatible server on 127.0.0.1:8000
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python main.py --config.engine.tensor_parallel_size=4
 """
 
 import os
@@ -56,6 +57,7 @@ def main(argv):
   if _MODEL.value is not None:
     config.model = _MODEL.value
   try:
+    cli.init_distributed(config)
     if _MODE.value == "train":
       cli.train(config, out_dir=_OUT.value)
     elif _MODE.value == "server":

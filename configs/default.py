@@ -51,6 +51,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.engine.async_swap = True
   # Seeds requests that do not set their own.
   config.engine.seed = 0
+  # Devices the model and the KV pool are sharded over by attention heads (1: one device).
+  # On CPU, XLA_FLAGS=--xla_force_host_platform_device_count=8 makes 8 devices.
+  config.engine.tensor_parallel_size = 1
+
+  # Multi-host: one process per host, each with the same config and prompts (see README);
+  # an empty coordinator_address is a single-process run.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ""  # "host:port" of process 0, e.g. 127.0.0.1:12345
+  config.distributed.num_processes = 1
+  config.distributed.process_id = 0
 
   config.sampling = ml_collections.ConfigDict()
   # Tokens to generate per prompt.

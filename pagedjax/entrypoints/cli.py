@@ -61,7 +61,21 @@ def _build_llm(config: ml_collections.ConfigDict) -> LLM:
              enable_prefix_caching=e.enable_prefix_caching,
              preemption_mode=e.preemption_mode, attention_impl=e.attention_impl, dtype=e.dtype,
              kv_cache_dtype=e.kv_cache_dtype, swap_dtype=e.swap_dtype, async_swap=e.async_swap,
-             kv_cache_memory_mb=e.kv_cache_memory_mb, seed=e.seed)
+             kv_cache_memory_mb=e.kv_cache_memory_mb, seed=e.seed,
+             tensor_parallel_size=e.tensor_parallel_size)
+
+
+def init_distributed(config: ml_collections.ConfigDict) -> None:
+  """jax.distributed for a multi-host run (config.distributed); a no-op for one process."""
+  d = config.distributed
+  if not d.coordinator_address:
+    return
+  if not 0 <= d.process_id < d.num_processes:
+    raise ConfigError(f"config.distributed: process_id={d.process_id} must be in "
+                      f"[0, num_processes={d.num_processes})")
+  from pagedjax.runner import sharding  # noqa: PLC0415
+
+  sharding.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
 
 
 def memory_report(stats: dict, elapsed_s: float) -> str:
@@ -69,7 +83,11 @@ def memory_report(stats: dict, elapsed_s: float) -> str:
   lines = [
       f"blocks: {stats['num_blocks']} x {stats['block_size']} tokens, used now {used}, "
       f"free {stats['num_free_blocks']}, peak used {stats['peak_used_blocks']}",
-      f"KV cache: {stats['kv_cache_dtype']}, {stats['bytes_per_block']} bytes per block",
+      f"KV cache: {stats['kv_cache_dtype']}, {stats['bytes_per_block']} bytes per block"
+      + (f", sharded over {stats['tensor_parallel_size']} devices: "
+         f"{stats['bytes_per_block_per_device']} bytes per block and "
+         f"{stats['kv_cache_bytes_per_device'] / 2**20:.1f} MiB per device"
+         if stats.get("tensor_parallel_size", 1) > 1 else ""),
       f"prefix cache: {stats['prefix_cache_hits']} of {stats['prefix_cache_queries']} prompt "
       f"tokens hit, {stats['num_cached_blocks']} blocks cached, "
       f"{stats['num_evicted_blocks']} evicted",

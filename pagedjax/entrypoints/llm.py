@@ -31,6 +31,7 @@ from pagedjax.core.sequence import Sequence, SequenceGroup
 from pagedjax.entrypoints.detokenizer import IncrementalDetokenizer
 from pagedjax.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedjax.runner import kv_cache
+from pagedjax.runner import sharding as sharding_lib
 from pagedjax.runner import step as step_lib
 from pagedjax.runner.model_runner import MAX_BANNED, DeviceSampling, ModelRunner
 from pagedjax.runner.model_runner import IMPLS as _RUNNER_IMPLS
@@ -114,7 +115,17 @@ class LLM:
       outputs change by that rounding). A quantized pool always swaps as it is.
     async_swap: issue swaps without waiting for them to land (default); False waits for
       each (the synchronous baseline: same outputs, host stalls).
-    kv_cache_memory_mb: KV budget used when num_blocks is None.
+    kv_cache_memory_mb: KV budget per device used when num_blocks is None (as vLLM sizes
+      its cache per GPU): under tensor parallelism each device holds 1/k of every block,
+      so k devices buy up to k times the blocks.
+    tensor_parallel_size: devices the model and the KV pool are sharded over, by
+      attention heads (Megatron-style; see pagedjax.runner.sharding): a 1-D mesh of the
+      first k devices. It must divide num_heads and the MLP width, and divide num_kv_heads
+      or be a multiple of it (kv heads are then replicated). Outputs match k = 1 up to
+      float reduction order.
+    mesh: instead of the first k devices, a 1-D `jax.sharding.Mesh` with axis "tp"
+      (e.g. spanning processes under jax.distributed); tensor_parallel_size must then be
+      1 or its size.
     seed: seeds requests that do not set SamplingParams.seed.
     skip_tokenizer_init: do not load the tokenizer: token-id prompts only, empty text.
     kv_reservation: None (paging), or the paper's Orca baselines as admission policies
@@ -130,7 +141,8 @@ class LLM:
                preemption_mode: str = "recompute", attention_impl: str = "auto",
                dtype: str = "float32", kv_cache_dtype: str = "auto", swap_dtype: str = "auto",
                async_swap: bool = True, kv_cache_memory_mb: float = 64.0, seed: int = 0,
-               skip_tokenizer_init: bool = False, kv_reservation: str | None = None):
+               skip_tokenizer_init: bool = False, kv_reservation: str | None = None,
+               tensor_parallel_size: int = 1, mesh: jax.sharding.Mesh | None = None):
     _check_choice("attention_impl", attention_impl, ATTENTION_IMPLS)
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("kv_cache_dtype", kv_cache_dtype, tuple(KV_CACHE_DTYPES))
@@ -157,6 +169,18 @@ class LLM:
     if isinstance(kv_cache_memory_mb, bool) or not isinstance(kv_cache_memory_mb, numbers.Real) \
         or not 0 < kv_cache_memory_mb < float("inf"):
       raise ValueError(f"kv_cache_memory_mb must be a positive number, got {kv_cache_memory_mb!r}")
+    tensor_parallel_size = _check_int("tensor_parallel_size", tensor_parallel_size, 1)
+    if mesh is not None:
+      if not isinstance(mesh, jax.sharding.Mesh) or mesh.axis_names != (sharding_lib.AXIS,):
+        raise ValueError(f"mesh must be a 1-D jax.sharding.Mesh with axis "
+                         f"{sharding_lib.AXIS!r}, got {mesh!r}")
+      if tensor_parallel_size not in (1, mesh.size):
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} but the mesh has "
+                         f"{mesh.size} devices")
+      tensor_parallel_size = mesh.size
+    elif tensor_parallel_size > jax.device_count():
+      raise ValueError(f"tensor_parallel_size={tensor_parallel_size} exceeds the "
+                       f"{jax.device_count()} devices available")
     if attention_impl == "auto":
       attention_impl = "pallas" if jax.default_backend() == "gpu" else "xla"
     _check_kv_dtype_for_impl(kv_cache_dtype, dtype, attention_impl)
@@ -164,6 +188,12 @@ class LLM:
                                                   **({"skip_tokenizer_init": True}
                                                      if skip_tokenizer_init else {}))
     self.model_config = cfg
+    sharding_lib.check_tensor_parallel_size(
+        tensor_parallel_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        hidden_dim=cfg.hidden_dim, num_devices=jax.device_count())
+    if mesh is None and tensor_parallel_size > 1:
+      mesh = sharding_lib.make_mesh(tensor_parallel_size)
+    self.tensor_parallel_size = tensor_parallel_size
     self.block_size = block_size
     self.max_model_len = cfg.max_seq_len
     # Sequences per step cannot exceed tokens per step (each decodes one token).
@@ -176,8 +206,11 @@ class LLM:
                               attention_impl=attention_impl,
                               vocab_size=self.tokenizer.vocab_size,
                               kv_cache_dtype=KV_CACHE_DTYPES[kv_cache_dtype],
-                              swap_dtype=SWAP_DTYPES[swap_dtype], async_swap=async_swap)
-    bytes_per_block = kv_cache.block_bytes(cfg.num_layers, cfg.num_kv_heads, block_size,
+                              swap_dtype=SWAP_DTYPES[swap_dtype], async_swap=async_swap,
+                              mesh=mesh)
+    heads_per_device = (sharding_lib.kv_heads_stored(cfg.num_kv_heads, tensor_parallel_size)
+                        // tensor_parallel_size)
+    bytes_per_block = kv_cache.block_bytes(cfg.num_layers, heads_per_device, block_size,
                                            cfg.head_dim, KV_CACHE_DTYPES[kv_cache_dtype] or dtype)
     if num_blocks is None:
       num_blocks = max(1, int(kv_cache_memory_mb * 2**20) // bytes_per_block)
@@ -635,6 +668,9 @@ class LLM:
     stats.update(
         num_blocks=self.bm.num_blocks, num_free_blocks=self.bm.num_free_blocks,
         block_size=self.block_size, bytes_per_block=self.runner.bytes_per_block,
+        tensor_parallel_size=self.tensor_parallel_size,
+        bytes_per_block_per_device=self.runner.bytes_per_block_per_device,
+        kv_cache_bytes_per_device=sharding_lib.per_device_nbytes(self.runner.kv),
         kv_cache_dtype=str(self.runner.kv.dtype),
         host_bytes_per_block=self.runner.host_bytes_per_block,
         swap_dtype=self.runner.host_dtype,

@@ -204,6 +204,7 @@ def init_kv_cache(
   head_dim: int,
   dtype=jnp.float32,
   bit_storage: bool = False,
+  sharding: jax.sharding.Sharding | None = None,
 ) -> KVCache:
   """Allocates a zero-filled cache.
 
@@ -212,6 +213,9 @@ def init_kv_cache(
       dtype: float32 or bfloat16, or int8 / float8_e4m3fn (quantized: with scales).
       bit_storage: store bfloat16 as uint16 and float8_e4m3fn as uint8 bit patterns
         (what the xla step uses on CPU; see `to_storage`). No effect on float32 / int8.
+      sharding: None (the default device), or where the pages live, e.g. a NamedSharding
+        of the kv-head axis over a tensor-parallel mesh (scales get the same spec); each
+        device allocates only its shard.
 
   Returns:
       A `KVCache` with both page arrays `[num_layers, num_kv_heads, num_blocks,
@@ -232,8 +236,9 @@ def init_kv_cache(
   # Committed to the default device: the arrays that come back from the swap entries
   # are committed, and jit keys its compiled programs on commitment, so an uncommitted
   # initial cache would compile every step program a second time after the first swap.
-  device = jax.devices()[0]
-  zeros = lambda shape, dtype: jax.device_put(jnp.zeros(shape, dtype), device)  # noqa: E731
+  if sharding is None:
+    sharding = SingleDeviceSharding(jax.devices()[0])
+  zeros = lambda shape, dtype: _zeros(shape, dtype, sharding)  # noqa: E731
   scales = (lambda: zeros(shape[:-1], jnp.float32)) if quantized else (lambda: None)
   return KVCache(k_pages=zeros(shape, dtype), v_pages=zeros(shape, dtype), k_scales=scales(),
                  v_scales=scales())
@@ -428,11 +433,31 @@ def copy_kv_blocks(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
 # Host pool for swapped-out blocks.
 
 
-def _host_sharding() -> SingleDeviceSharding | None:
+def _zeros(shape, dtype, sharding) -> jax.Array:
+  """Zeros with `sharding`, each device (or host memory) holding its shard. A sharding
+  that spans processes is filled by a jitted program (every process runs it); otherwise
+  by a transfer (a jit-made pinned_host array trips XLA:CPU's memory-kind check when it
+  is donated to the swap-out program later)."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(np.zeros(shape, dtype), sharding)
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+def _host_sharding(cache: KVCache) -> jax.sharding.Sharding | None:
+  """The device pages' sharding in pinned host memory (each device's shard in its own
+  host's memory), or None when the backend lacks that memory kind."""
   device = jax.devices()[0]
   if "pinned_host" in {m.kind for m in device.addressable_memories()}:
-    return SingleDeviceSharding(device, memory_kind="pinned_host")
+    return cache.k_pages.sharding.with_memory_kind("pinned_host")
   return None
+
+
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  """The same devices and memory, every value whole on each (for block-id vectors)."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(),
+                                      memory_kind=sharding.memory_kind)
+  return sharding
 
 
 @flax.struct.dataclass
@@ -492,17 +517,19 @@ def init_host_pool(
       raise ValueError(f"a {cache.dtype} device pool swaps as {cache.dtype}, not {dtype}")
     if not cache.quantized:  # a quantized pool's blocks are copied bit for bit, as stored
       storage = _BIT_STORAGE.get(dtype, dtype)  # numpy-friendly: fp8 as uint8 bits
-  sharding = _host_sharding()
+  sharding = _host_sharding(cache)
   if memory_kind == "pinned_host" and sharding is None:
     raise ValueError(f"backend {jax.default_backend()!r} has no pinned_host memory kind")
   if memory_kind is None:
     memory_kind = "numpy" if sharding is None else "pinned_host"
   shape = (cache.num_layers, cache.num_kv_heads, num_host_blocks, cache.block_size, cache.head_dim)
-  arrays = [np.zeros(shape, storage), np.zeros(shape, storage)]  # the storage dtype: bits
+  shapes = [(shape, storage), (shape, storage)]  # the storage dtype: bits
   if cache.quantized or dtype is not None:
-    arrays += [np.zeros(shape[:-1], np.float32), np.zeros(shape[:-1], np.float32)]
+    shapes += [(shape[:-1], np.float32), (shape[:-1], np.float32)]
   if memory_kind == "pinned_host":
-    arrays = [jax.device_put(x, sharding) for x in arrays]
+    arrays = [_zeros(s, d, sharding) for s, d in shapes]
+  else:
+    arrays = [np.zeros(s, d) for s, d in shapes]
   return HostKVPool(*arrays, memory_kind=memory_kind)
 
 
@@ -604,25 +631,26 @@ def copy_blocks(cache: KVCache, src, dst) -> KVCache:
   return _copy_blocks_jit(cache, src, dst)
 
 
-@functools.partial(jax.jit, donate_argnums=(1,))
-def _swap_out_jit(cache, pool, dev_ids, host_ids):
+@functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("host_sharding",))
+def _swap_out_jit(cache, pool, dev_ids, host_ids, *, host_sharding):
   _TRACES["swap_out_blocks"] += 1
   host_ids = jnp.where(dev_ids < 0, -1, host_ids)
   blocks = _blocks_for_host(cache, dev_ids, pool.k_blocks.dtype)
-  moved = jax.device_put(blocks, _host_sharding())  # device -> pinned host
+  # device -> pinned host; sharded pools: each device's shard to its own host memory
+  moved = jax.device_put(blocks, host_sharding)
   k, v, ks, vs = _scatter_all((pool.k_blocks, pool.v_blocks, pool.k_scales, pool.v_scales),
                               host_ids, moved)
   return pool.replace(k_blocks=k, v_blocks=v, k_scales=ks, v_scales=vs)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("src_on_host",))
-def _swap_in_jit(cache, src, src_ids, dev_ids, *, src_on_host):
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("device", "host"))
+def _swap_in_jit(cache, src, src_ids, dev_ids, *, device, host):
   # src: (k, v, k_scales, v_scales) [L, Hkv, M, bs(, D)]: the pinned host pool's arrays
-  # (src_on_host), or numpy blocks (transferred to the device on call).
+  # (host: their sharding), or numpy blocks (host None: transferred to the device on call).
+  # device: the pages' sharding.
   _TRACES["swap_in_blocks"] += 1
-  device = SingleDeviceSharding(jax.devices()[0], memory_kind="device")
-  if src_on_host:  # gather in host memory: operands of a gather share one memory space
-    src_ids = jax.device_put(src_ids, _host_sharding())
+  if host is not None:  # gather in host memory: operands of a gather share one memory space
+    src_ids = jax.device_put(src_ids, _replicated(host))
   blocks = tuple(None if x is None else _gather_blocks(x, src_ids) for x in src)
   blocks = _blocks_for_device(cache, jax.device_put(blocks, device))  # host -> device
   k, v, ks, vs = _scatter_all((cache.k_pages, cache.v_pages, cache.k_scales, cache.v_scales),
@@ -661,7 +689,8 @@ def swap_out_blocks(cache: KVCache, host_pool: HostKVPool, dev_ids, host_ids) ->
     "dev_ids", dev_ids, cache.num_blocks, "host_ids", host_ids, host_pool.num_blocks
   )
   if host_pool.memory_kind == "pinned_host":
-    return _swap_out_jit(cache, host_pool, dev_ids, host_ids)
+    return _swap_out_jit(cache, host_pool, dev_ids, host_ids,
+                         host_sharding=host_pool.k_blocks.sharding)
   blocks = jax.device_get(_gather_for_host_jit(cache, dev_ids,
                                                host_dtype=host_pool.k_blocks.dtype))
   keep = (dev_ids >= 0) & (host_ids >= 0)
@@ -689,8 +718,10 @@ def swap_in_blocks(cache: KVCache, host_pool: HostKVPool, host_ids, dev_ids) -> 
     "host_ids", host_ids, host_pool.num_blocks, "dev_ids", dev_ids, cache.num_blocks
   )
   dev_ids = np.where(host_ids < 0, -1, dev_ids).astype(np.int32)
+  device = cache.k_pages.sharding.with_memory_kind("device")
   if host_pool.memory_kind == "pinned_host":
-    return _swap_in_jit(cache, _host_arrays(host_pool), host_ids, dev_ids, src_on_host=True)
+    return _swap_in_jit(cache, _host_arrays(host_pool), host_ids, dev_ids, device=device,
+                        host=host_pool.k_blocks.sharding)
   # numpy pool: send only the requested blocks, then index them 0..n-1 on device.
   idx = np.maximum(host_ids, 0)
   return _swap_in_jit(
@@ -698,5 +729,6 @@ def swap_in_blocks(cache: KVCache, host_pool: HostKVPool, host_ids, dev_ids) -> 
     tuple(None if x is None else x[:, :, idx] for x in _host_arrays(host_pool)),
     np.arange(idx.size, dtype=np.int32),
     dev_ids,
-    src_on_host=False,
+    device=device,
+    host=None,
   )

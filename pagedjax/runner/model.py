@@ -226,9 +226,11 @@ class Attention(nnx.Module):
     """
     cfg = self.cfg
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, H, D]
-    k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
-    v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
+    # Heads from the projections' widths: under tensor parallelism each device holds
+    # its own heads' columns (pagedjax.runner.sharding).
+    q = self.q_proj(x).reshape(b, t, -1, cfg.head_dim)  # [B, T, H, D]
+    k = self.k_proj(x).reshape(b, t, -1, cfg.head_dim)  # [B, T, Hkv, D]
+    v = self.v_proj(x).reshape(b, t, -1, cfg.head_dim)  # [B, T, Hkv, D]
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # [B, T, D]
@@ -344,6 +346,7 @@ class Transformer(nnx.Module):
     attn_meta: AttentionMetadata,
     logits_index: jax.Array,
     impl: str = "xla",
+    tp_axis: str | None = None,
   ) -> tuple[jax.Array, KVCache]:
     """Paged forward of one packed batch: writes this step's K/V, attends, returns logits.
 
@@ -361,10 +364,14 @@ class Transformer(nnx.Module):
       attn_meta: `attention.AttentionMetadata` for the impl.
       logits_index: int32 [R] token rows whose logits are returned.
       impl: attention implementation ("xla", "pallas", "pallas_interpret").
+      tp_axis: inside `shard_map` over a tensor-parallel mesh, its axis name: this
+        device's parameters and pages are its heads' shards, and the o / down
+        projections' partial outputs are summed over the axis (one all-reduce each).
 
     Returns:
       (logits float32 [R, V], the updated cache).
     """
+    reduce = (lambda y: y) if tp_axis is None else (lambda y: jax.lax.psum(y, tp_axis))
     geometry = kvc.PoolGeometry.of(kv.k_pages)
     # The xla path works on the pool's row view from the first write to the last read
     # (see pagedjax.runner.attention); the Pallas kernels take the 5-D pages.
@@ -389,8 +396,8 @@ class Transformer(nnx.Module):
       o = ragged_paged_attention(q[0], k_pool, v_pool, attn_meta, layer=i,
                                  sm_scale=attn.sm_scale, impl=impl, geometry=geometry,
                                  k_scales=k_sc, v_scales=v_sc)
-      x = x + attn.out(o[None])
-      x = x + layer.mlp(layer.mlp_norm(x))
+      x = x + reduce(attn.out(o[None]))
+      x = x + reduce(layer.mlp(layer.mlp_norm(x)))
     logits = self.logits(x[:, logits_index])[0]  # [R, V]: only the rows that sample
     k_pool, v_pool, k_sc, v_sc = pools
     if rows:

@@ -31,6 +31,7 @@ from flax import nnx
 
 from pagedjax.intmath import ceil_div, next_power_of_two, round_up
 from pagedjax.runner import kv_cache as kvc
+from pagedjax.runner import sharding as sharding_lib
 from pagedjax.runner import step as step_lib
 from pagedjax.runner.attention import TILE_SIZE, AttentionMetadata
 
@@ -89,16 +90,27 @@ class ModelRunner:
     vocab_size: the tokenizer's vocabulary (ids beyond it are never sampled).
     max_num_seqs: most sample rows in a step (sets the sample-row bucket of steps with
       prefill chunks, see `prepare`).
+    mesh: None (one device), or a 1-D tensor-parallel mesh (`sharding.make_mesh`):
+      parameters sharded by heads, the pool by kv heads (each device holds 1/k of every
+      block; kv heads replicated when k exceeds them), see pagedjax.runner.sharding.
+      num_blocks counts blocks, which stay global.
   """
 
   def __init__(self, module, *, num_blocks: int, block_size: int, num_host_blocks: int,
                max_model_len: int, dtype, attention_impl: str, vocab_size: int,
                max_num_seqs: int = 64, kv_cache_dtype=None, swap_dtype=None,
-               async_swap: bool = True):
+               async_swap: bool = True, mesh=None):
     if attention_impl not in IMPLS:
       raise ValueError(f"attention_impl must be one of {IMPLS}, got {attention_impl!r}")
     cfg = module.cfg
     self.cfg = cfg
+    self.mesh = None if mesh is None or mesh.size == 1 else mesh
+    self.tensor_parallel_size = 1 if self.mesh is None else self.mesh.size
+    tp = self.tensor_parallel_size
+    if self.mesh is not None:
+      sharding_lib.check_tensor_parallel_size(tp, num_heads=cfg.num_heads,
+                                              num_kv_heads=cfg.num_kv_heads,
+                                              hidden_dim=cfg.hidden_dim, num_devices=tp)
     self.impl = attention_impl
     self.max_num_seqs = max_num_seqs
     self.dtype = jnp.dtype(dtype)
@@ -110,7 +122,8 @@ class ModelRunner:
     self.block_size = block_size
     self.vocab_size = vocab_size
     self.max_blocks_per_seq = ceil_div(max_model_len, block_size)
-    self._geometry = kvc.PoolGeometry(cfg.num_layers, cfg.num_kv_heads,
+    self._geometry = kvc.PoolGeometry(cfg.num_layers,
+                                      sharding_lib.kv_heads_stored(cfg.num_kv_heads, tp),
                                       round_up(num_blocks, POOL_GRANULE), block_size,
                                       cfg.head_dim)
     self._num_host_blocks = num_host_blocks
@@ -119,8 +132,12 @@ class ModelRunner:
     graphdef, params = nnx.split(module)
     self._graphdef = graphdef
     self._static_graph = step_lib.static_graph(graphdef)  # jit's static arg, hashed once
-    self._params = jax.tree.map(
-        lambda x: x.astype(self.dtype) if x.dtype == jnp.float32 else x, params)
+    params = jax.tree.map(lambda x: x.astype(self.dtype) if x.dtype == jnp.float32 else x, params)
+    if self.mesh is not None:
+      params = sharding_lib.replicate_kv_heads(params, num_kv_heads=cfg.num_kv_heads,
+                                               head_dim=cfg.head_dim, tp=tp)
+      params = sharding_lib.put_global(params, self.mesh, sharding_lib.param_specs(params))
+    self._params = params
     self.programs: dict[tuple, tuple] = {}  # program key -> abstract (batch, sampling)
 
   # ------------------------------------------------------------------ state
@@ -130,7 +147,14 @@ class ModelRunner:
     return kvc.init_kv_cache(num_layers=g.num_layers, num_kv_heads=g.num_kv_heads,
                              num_blocks=g.num_blocks, block_size=g.block_size,
                              head_dim=g.head_dim, dtype=self.kv_cache_dtype,
-                             bit_storage=self.impl == "xla")
+                             bit_storage=self.impl == "xla", sharding=self.kv_sharding)
+
+  @property
+  def kv_sharding(self):
+    """Where the pages live: None (the default device) or sharded by kv head on the mesh."""
+    if self.mesh is None:
+      return None
+    return jax.sharding.NamedSharding(self.mesh, sharding_lib.KV_SPEC)
 
   def _new_host_pool(self):
     if not self._num_host_blocks:
@@ -141,8 +165,14 @@ class ModelRunner:
 
   @property
   def bytes_per_block(self) -> int:
-    """Device bytes of one block: all layers, K and V, scales included."""
+    """Device bytes of one block: all layers, K and V, scales included (all devices'
+    shards together, kv-head replicas included)."""
     return self.kv.bytes_per_block
+
+  @property
+  def bytes_per_block_per_device(self) -> int:
+    """Bytes of one block each device holds (its kv heads' shard)."""
+    return self.kv.bytes_per_block // self.tensor_parallel_size
 
   @property
   def lossy_swap(self) -> bool:
@@ -205,7 +235,7 @@ class ModelRunner:
       self.programs[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                         (batch, samp))
     self.kv, out = step_lib.step(self._params, self.kv, batch, samp, graphdef=self._static_graph,
-                                 impl=self.impl, vocab_size=self.vocab_size)
+                                 impl=self.impl, vocab_size=self.vocab_size, mesh=self.mesh)
     return jax.device_get(out)
 
   def _row_bucket(self, num_rows: int, t_cap: int, prefill: bool) -> int:
@@ -403,16 +433,17 @@ class ModelRunner:
       dims = list(x.shape)
       if num_blocks is not None:
         dims[2] = num_blocks
-      return jax.ShapeDtypeStruct(tuple(dims), x.dtype)
+      return jax.ShapeDtypeStruct(tuple(dims), x.dtype, sharding=x.sharding)
     return jax.tree.map(shape, self.kv)
 
   def compiled_programs(self, num_blocks: int | None = None):
     """Yields (key, compiled executable) for every step program this runner ran: the
     same shapes compiled again (with a pool of `num_blocks` pages if given), for XLA's
     memory accounting (tests)."""
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._params)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          self._params)
     kv = self.abstract_kv(num_blocks)
     for key, (batch, samp) in self.programs.items():
       lowered = step_lib.step.lower(params, kv, batch, samp, graphdef=self._static_graph,
-                                    impl=self.impl, vocab_size=self.vocab_size)
+                                    impl=self.impl, vocab_size=self.vocab_size, mesh=self.mesh)
       yield key, lowered.compile()

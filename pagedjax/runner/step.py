@@ -14,8 +14,10 @@ import functools
 import flax.struct
 import jax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from pagedjax.runner import sampler
+from pagedjax.runner import sharding as sharding_lib
 from pagedjax.runner.attention import AttentionMetadata
 
 # (id, logprob) pairs returned per sample row each step: beam search needs 2 * beam_width,
@@ -100,9 +102,10 @@ class SamplingBatch:
   banned_ids: jax.Array  # [R, K]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "vocab_size"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "vocab_size", "mesh"),
                    donate_argnames=("kv",))
-def step(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl, vocab_size):
+def step(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl, vocab_size,
+         mesh=None):
   """One engine step.
 
   Args:
@@ -113,15 +116,33 @@ def step(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl, v
     graphdef: the model's graph definition, interned (`static_graph`).
     impl: attention implementation.
     vocab_size: the tokenizer's vocabulary (ids beyond it are never drawn).
+    mesh: None (one device), or the tensor-parallel mesh (pagedjax.runner.sharding):
+      params and pages are sharded by heads, the forward runs per device under
+      `shard_map` with one all-reduce per attention and MLP block, and sampling runs on
+      the replicated logits.
 
   Returns:
     (new KVCache, (tokens [R], logprobs [R], ranks [R], top_ids [R, N], top_logprobs [R, N])).
   """
   TRACES["step"] += 1  # runs once per trace, i.e. per compiled program
-  model = nnx.merge(graphdef.graphdef, params)
-  logits, kv = model.forward_packed(
-      batch.token_ids, batch.positions, kv, slot_mapping=batch.slot_mapping,
-      attn_meta=batch.attn, logits_index=batch.logits_index, impl=impl)  # [R, V]
+
+  def forward(params, kv, batch):
+    model = nnx.merge(graphdef.graphdef, params)
+    return model.forward_packed(
+        batch.token_ids, batch.positions, kv, slot_mapping=batch.slot_mapping,
+        attn_meta=batch.attn, logits_index=batch.logits_index, impl=impl,
+        tp_axis=None if mesh is None else sharding_lib.AXIS)  # [R, V]
+
+  if mesh is not None:
+    kv_specs = jax.tree.map(lambda _: sharding_lib.KV_SPEC, kv)
+    forward = jax.shard_map(forward, mesh=mesh,
+                            in_specs=(sharding_lib.param_specs(params), kv_specs, P()),
+                            out_specs=(P(), kv_specs),
+                            # The logits are replicated by construction (psum'd residual,
+                            # replicated norm and LM head); unchecked, so that the
+                            # attention loops and kernels need no varying-axis casts.
+                            check_vma=False)
+  logits, kv = forward(params, kv, batch)
   logits = logits[samp.row_index]  # one row per sample
   keys = sampler.row_keys(samp.seeds, samp.sample_indices, samp.out_positions)
   out = sampler.sample(logits, temperature=samp.temperature, top_k=samp.top_k,
