@@ -79,6 +79,12 @@ def _assert_same_tokens(base, res, label):
                   f"{want['tokens']} vs {got['tokens']}")
 
 
+def _baseline(results, name):
+  """One device's run of a scenario; swap preemption (quick runs: k = 8 alone) is compared
+  with recompute's, since the preemption mode changes no token."""
+  return results[name].get("1") or results["recompute"]["1"]
+
+
 def _scenarios(results):
   return [(name, k) for name, by in results.items() for k in by if k != "1"]
 
@@ -91,7 +97,7 @@ def test_outputs_are_token_identical_to_one_device(results):
   assert {"swap", "int8", "pallas"} <= {name for name, _ in compared}
   assert any(name.startswith("hf:") for name, _ in compared)
   for name, k in compared:
-    _assert_same_tokens(results[name]["1"], results[name][k], f"{name} k={k}")
+    _assert_same_tokens(_baseline(results, name), results[name][k], f"{name} k={k}")
 
 
 def test_scenarios_exercise_preemption_caching_and_forks(results):
@@ -106,7 +112,7 @@ def test_scenarios_exercise_preemption_caching_and_forks(results):
 
 def test_each_device_holds_its_share_of_every_block(results):
   for name, by in results.items():
-    one = by["1"]
+    one = _baseline(results, name)
     hkv = one["kv_global"][1]
     for k, res in by.items():
       k = int(k)
@@ -129,11 +135,10 @@ def test_each_device_holds_its_share_of_every_block(results):
 def test_step_programs_all_reduce_twice_per_layer_and_never_move_the_pool(results):
   for name, by in results.items():
     for k, res in by.items():
+      if k == "1":  # no mesh: the plain single-device step
+        continue
       assert res["collectives"], (name, k)
       for key, ops in res["collectives"].items():
-        if k == "1":
-          assert ops == {}, (name, key)
-          continue
         # one all-reduce after each attention block and each MLP block: no all-gather,
         # all-to-all or permute of the pool (or of anything else)
         assert set(ops) == {"all-reduce"}, (name, k, key, ops)
@@ -142,6 +147,7 @@ def test_step_programs_all_reduce_twice_per_layer_and_never_move_the_pool(result
 
 def test_compile_counts_do_not_grow_with_k(results):
   for name, by in results.items():
+    # (same requests, same schedule: the same programs; swap's quick run has k = 8 alone)
     counts = {k: r["stats"]["num_compilations"] for k, r in by.items()}
     assert len(set(counts.values())) == 1, (name, counts)
 
