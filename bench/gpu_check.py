@@ -2,6 +2,7 @@
 
   python -m bench.gpu_check exactness OUT_DIR   # engine with attention_impl="pallas"
   python -m bench.gpu_check bandwidth OUT_DIR   # decode / ragged kernels vs a d2d copy
+  python -m bench.gpu_check tensor_parallel OUT_DIR  # k = 1 vs all devices (multi-GPU)
 
 exactness: the Pallas engine's greedy tokens against the dense no-cache forward, and
 against the xla engine on a mix of chunked prompts, decodes, n > 1 and beams (float32);
@@ -112,6 +113,46 @@ def bandwidth(out_dir: pathlib.Path) -> int:
   return 0
 
 
+def tensor_parallel(out_dir: pathlib.Path) -> int:
+  """k = 1 vs every device (the largest k the bundled model shards over): same greedy
+  tokens, decode throughput of each, per-device KV bytes and the step's collectives."""
+  import time
+
+  from pagedjax import LLM, SamplingParams
+  from pagedjax.runner import sharding
+
+  n = jax.device_count()
+  k = max((k for k in (1, 2, 4, 8) if k <= n), default=1)
+  doc: dict = {"backend": jax.default_backend(), "devices": n, "k": k}
+  if k == 1:
+    doc["skipped"] = "one device: nothing to shard over"
+    _write(out_dir, "gpu_tensor_parallel", doc)
+    return 0
+  prompts = ["The Python ", "def f(x):\n    return ", "A" * 300, "The try statement "] * 16
+  params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+  rows, outs = [], {}
+  for size in (1, k):
+    impl = "pallas" if jax.default_backend() == "gpu" else "xla"  # (CPU: a smoke run)
+    llm = LLM(attention_impl=impl, num_blocks=1024, tensor_parallel_size=size)
+    llm.generate(prompts[:4], SamplingParams(max_tokens=4, temperature=0.0))  # compile
+    start = time.perf_counter()
+    got = llm.generate(prompts, params)
+    wall = time.perf_counter() - start
+    outs[size] = [o.outputs[0].token_ids for o in got]
+    st = llm.memory_stats()
+    comm = [sharding.collectives(c.as_text()) for _, c in llm.runner.compiled_programs()]
+    rows.append({"k": size, "wall_s": wall,
+                 "output_tokens_per_s": sum(map(len, outs[size])) / wall,
+                 "bytes_per_block_per_device": st["bytes_per_block_per_device"],
+                 "kv_cache_bytes_per_device": st["kv_cache_bytes_per_device"],
+                 "collectives": comm})
+  doc["rows"] = rows
+  doc["outputs_identical"] = outs[1] == outs[k]
+  _write(out_dir, "gpu_tensor_parallel", doc)
+  return 0 if doc["outputs_identical"] else 1
+
+
 if __name__ == "__main__":
   what, out = sys.argv[1], pathlib.Path(sys.argv[2])
-  sys.exit({"exactness": exactness, "bandwidth": bandwidth}[what](out))
+  sys.exit({"exactness": exactness, "bandwidth": bandwidth,
+            "tensor_parallel": tensor_parallel}[what](out))

@@ -4,7 +4,8 @@
 # 1. the Pallas kernel tests compiled for the GPU (the same files run interpreted on CPU);
 # 2. engine exactness with attention_impl="pallas" (bench/gpu_check.py exactness);
 # 3. the attention and throughput benchmarks (JSON + PNG into OUT_DIR);
-# 4. achieved HBM bandwidth of the decode and ragged kernels vs a device-to-device copy.
+# 4. achieved HBM bandwidth of the decode and ragged kernels vs a device-to-device copy;
+# 5. tensor parallelism, k = 1 vs all devices (a one-GPU machine records "skipped").
 # Every step runs under its own time limit and the script goes on after a failure; the
 # exit status is the number of failed steps. Needs jax with CUDA and this project's
 # dependencies (ml-collections may have to be carried as a wheel: see the device notes).
@@ -32,5 +33,6 @@ step exactness 120 "$PY" -m bench.gpu_check exactness "$OUT"
 step attention 60 "$PY" -m bench.attention --out-dir "$OUT"
 step throughput 60 "$PY" -m bench.throughput --quick --out-dir "$OUT"
 step bandwidth 60 "$PY" -m bench.gpu_check bandwidth "$OUT"
+step tensor_parallel 90 "$PY" -m bench.gpu_check tensor_parallel "$OUT"
 echo "failed steps: $failed" | tee -a "$OUT/summary.txt"
 exit "$failed"

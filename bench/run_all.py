@@ -39,6 +39,7 @@ EXPERIMENTS = (
   "serving_http",
   "memory_timeline",
   "kv_quantization",
+  "tensor_parallel",
 )
 _MAX_FALLBACK_FIGURES = 6
 
