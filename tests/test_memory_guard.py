@@ -129,8 +129,9 @@ def test_block_copies_are_in_place(served, n):
                           (kv.k_pages, kv.v_pages, kv.k_scales, kv.v_scales))
     compiled[pages] = {
         "copy-on-write": kvc._copy_blocks_jit.lower(kv, ids, ids).compile(),
-        "swap-in": kvc._swap_in_jit.lower(kv, blocks, ids, ids,
-                                          src_on_host=False).compile(),
+        "swap-in": kvc._swap_in_jit.lower(
+            kv, blocks, ids, ids, device=runner.kv.k_pages.sharding.with_memory_kind("device"),
+            host=None).compile(),
     }
   per_page = runner.kv.k_pages.nbytes // runner.kv.k_pages.shape[2]
   for what in compiled[SMALL]:

@@ -143,6 +143,8 @@ def test_step_programs_all_reduce_twice_per_layer_and_never_move_the_pool(result
         # all-to-all or permute of the pool (or of anything else)
         assert set(ops) == {"all-reduce"}, (name, k, key, ops)
         assert ops["all-reduce"]["count"] == 2 * res["num_layers"], (name, k, key, ops)
+        # each device's shard of the pool is updated in place (donated, aliased)
+        assert res["alias_bytes"][key] >= res["stats"]["kv_cache_bytes_per_device"], (name, k)
 
 
 def test_compile_counts_do_not_grow_with_k(results):

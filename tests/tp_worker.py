@@ -50,10 +50,11 @@ def _run(llm, prompts, params) -> dict:
   outs = llm.generate(prompts, params)
   stats = llm.memory_stats()
   runner = llm.runner
-  collectives = {}
+  collectives, aliased = {}, {}
   if runner.mesh is not None:  # (one device: no mesh, so no collective; compiling costs ~10 s)
     for key, compiled in runner.compiled_programs():
       collectives[str(key)] = sharding.collectives(compiled.as_text())
+      aliased[str(key)] = compiled.memory_analysis().alias_size_in_bytes  # per device
   host = runner.host_pool
   return {
     "outputs": [[{"tokens": c.token_ids, "margins": _margins(c)} for c in o.outputs]
@@ -69,6 +70,7 @@ def _run(llm, prompts, params) -> dict:
     "host_shards": (None if host is None or host.memory_kind != "pinned_host" else
                     [list(s.data.shape) for s in host.k_blocks.addressable_shards]),
     "collectives": collectives,
+    "alias_bytes": aliased,
     "num_layers": llm.model_config.num_layers,
   }
 
