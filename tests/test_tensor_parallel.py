@@ -168,7 +168,8 @@ def test_two_processes_of_four_devices_are_one_engine_of_eight(results, tmp_path
     outs.append(out)
     procs.append(subprocess.Popen(
         [sys.executable, str(WORKER), str(out), "--process-id", str(pid), "--num-processes", "2",
-         "--coordinator", f"127.0.0.1:{port}"], env=_env(4), stdout=subprocess.PIPE,
+         "--coordinator", f"127.0.0.1:{port}", "--modes", "recompute,swap"], env=_env(4),
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True))
   logs = []
   try:
@@ -183,13 +184,15 @@ def test_two_processes_of_four_devices_are_one_engine_of_eight(results, tmp_path
                                           or "unimplemented" in text.lower()):
       pytest.skip(f"this platform lacks CPU collectives: {text[-500:]}")
     pytest.fail(f"multi-process engine failed:\n{text[-4000:]}")
-  single = results["recompute"]["8"]
   for out in outs:
     res = json.loads(out.read_text())
     assert (res["process_count"], res["device_count"]) == (2, 8)
-    mp = res["recompute"]["8"]
-    assert len(mp["kv_shards"]) == 4  # this process's devices, one kv head each
-    _assert_same_tokens(single, mp, "two processes, k=8")
+    for mode in ("recompute", "swap"):  # swap: each process's host pool holds its shards
+      mp = res[mode]["8"]
+      assert len(mp["kv_shards"]) == 4  # this process's devices, one kv head each
+      assert mp["stats"]["num_preemptions"] > 0
+      assert mode == "recompute" or len(mp["host_shards"]) == 4
+      _assert_same_tokens(results[mode]["8"], mp, f"two processes, k=8, {mode}")
 
 
 # ----------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ def main(argv=None) -> int:
   ap.add_argument("--process-id", type=int)
   ap.add_argument("--num-processes", type=int)
   ap.add_argument("--coordinator")
+  ap.add_argument("--modes", default="recompute")
   args = ap.parse_args(argv)
 
   if args.process_id is not None:
@@ -102,9 +103,10 @@ def main(argv=None) -> int:
     import jax
 
     prompts, params = _requests()
-    llm = _engine(jax.device_count(), preemption_mode="recompute")
-    result = {"recompute": {str(jax.device_count()): _run(llm, prompts, params)},
-              "process_count": jax.process_count(), "device_count": jax.device_count()}
+    k = jax.device_count()
+    result = {mode: {str(k): _run(_engine(k, preemption_mode=mode), prompts, params)}
+              for mode in args.modes.split(",")}
+    result.update(process_count=jax.process_count(), device_count=k)
     with open(args.out, "w") as f:
       json.dump(result, f)
     return 0
