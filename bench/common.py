@@ -95,6 +95,29 @@ def matmul_rate(reps: int, shape: tuple[int, int, int] = (256, 256, 704)) -> dic
   return {"shape": f"{m}x{k}x{n}", "median_s": t, "gflops": 2 * m * k * n / t / 1e9}
 
 
+def serve_trace(llm, trace) -> dict:
+  """Serves every request of `trace` at once (greedy, its output lengths, ignore_eos)
+  through `llm`'s streaming API; returns wall time, output tok/s, the peak number of
+  running sequences and every request's tokens."""
+  import time
+
+  from pagedjax import SamplingParams
+
+  for i, (p, n) in enumerate(zip(trace.prompts, trace.output_lens)):
+    llm.add_request(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+  outs, peak = {}, 0
+  start = time.perf_counter()
+  while llm.has_unfinished_requests():
+    for o in llm.step():
+      if o.finished:
+        outs[o.request_id] = o.outputs[0].token_ids
+    peak = max(peak, sum(len(g.live_seqs) for g in llm.scheduler.running))
+  wall = time.perf_counter() - start
+  tokens = sum(len(t) for t in outs.values())
+  return {"wall_s": wall, "output_tokens_per_s": tokens / wall, "peak_running_seqs": peak,
+          "outputs": [outs[f"r{i}"] for i in range(len(trace.prompts))]}
+
+
 def write_json(path: pathlib.Path, report: dict) -> pathlib.Path:
   """Writes `report` as indented JSON (a trailing newline, keys in insertion order)."""
   path.parent.mkdir(parents=True, exist_ok=True)

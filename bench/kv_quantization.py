@@ -30,7 +30,6 @@ token and kv head. Sections:
 
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp
@@ -195,31 +194,15 @@ def _margin(logprobs: dict) -> float:
   return float(top[0] - top[1]) if len(top) > 1 else float("inf")
 
 
-def _serve(llm: LLM, trace) -> dict:
-  for i, (p, n) in enumerate(zip(trace.prompts, trace.output_lens)):
-    llm.add_request(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-  outs, peak = {}, 0
-  start = time.perf_counter()
-  while llm.has_unfinished_requests():
-    for o in llm.step():
-      if o.finished:
-        outs[o.request_id] = o.outputs[0].token_ids
-    peak = max(peak, sum(len(g.live_seqs) for g in llm.scheduler.running))
-  wall = time.perf_counter() - start
-  tokens = sum(len(t) for t in outs.values())
-  return {"wall_s": wall, "output_tokens_per_s": tokens / wall, "peak_running_seqs": peak,
-          "outputs": [outs[f"r{i}"] for i in range(len(trace.prompts))]}
-
-
 def capacity(trace, budget_mb: float, quick: bool, dtypes) -> list[dict]:
   rows = []
   for kv_dtype in tqdm(dtypes, desc="capacity", leave=False):
     make = lambda: LLM(kv_cache_dtype=kv_dtype, kv_cache_memory_mb=budget_mb,  # noqa: E731
                        num_host_blocks=0)
     if not quick:
-      _serve(make(), trace)  # warm-up: compile every program this trace reaches
+      common.serve_trace(make(), trace)  # warm-up: compile every program this trace reaches
     llm = make()
-    res = _serve(llm, trace)
+    res = common.serve_trace(llm, trace)
     st = llm.memory_stats()
     rows.append({"kv_cache_dtype": kv_dtype, "kv_cache_memory_mb": budget_mb,
                  "bytes_per_block": st["bytes_per_block"], "num_blocks": st["num_blocks"],
@@ -245,9 +228,9 @@ def swap(trace, num_blocks: int, quick: bool) -> list[dict]:
       make = lambda: LLM(kv_cache_dtype=kv_dtype, swap_dtype=swap_dtype,  # noqa: E731
                          async_swap=async_swap, num_blocks=num_blocks, preemption_mode="swap")
       if not quick:
-        _serve(make(), trace)  # warm-up (the swap programs too)
+        common.serve_trace(make(), trace)  # warm-up (the swap programs too)
       llm = make()
-      res = _serve(llm, trace)
+      res = common.serve_trace(llm, trace)
       st = llm.memory_stats()
       got[async_swap] = res["outputs"]
       rows.append({"kv_cache_dtype": kv_dtype, "swap_dtype": st["swap_dtype"],

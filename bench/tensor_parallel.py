@@ -29,29 +29,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 NAME = "tensor_parallel"
 SIZES = (1, 2, 4, 8)
 BLOCK = 16
-
-
-def _serve(llm, trace) -> dict:
-  from pagedjax import SamplingParams
-
-  for i, (p, n) in enumerate(zip(trace.prompts, trace.output_lens)):
-    llm.add_request(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-  outs, peak = {}, 0
-  start = time.perf_counter()
-  while llm.has_unfinished_requests():
-    for o in llm.step():
-      if o.finished:
-        outs[o.request_id] = o.outputs[0].token_ids
-    peak = max(peak, sum(len(g.live_seqs) for g in llm.scheduler.running))
-  wall = time.perf_counter() - start
-  tokens = sum(len(t) for t in outs.values())
-  return {"wall_s": wall, "output_tokens_per_s": tokens / wall, "peak_running_seqs": peak,
-          "outputs": [outs[f"r{i}"] for i in range(len(trace.prompts))]}
 
 
 def _measure(quick: bool, num_requests: int | None, seed: int) -> dict:
@@ -80,9 +61,9 @@ def _measure(quick: bool, num_requests: int | None, seed: int) -> dict:
       trace = make_trace("sharegpt-like", n, max_seq_len=max_len, seed=seed,
                          scale=cfg.max_seq_len / 2048)
     if not quick:
-      _serve(llm, trace)  # warm-up: compile every program the trace reaches
+      common.serve_trace(llm, trace)  # warm-up: compile every program the trace reaches
       llm = make()
-    res = _serve(llm, trace)
+    res = common.serve_trace(llm, trace)
     st = llm.memory_stats()
     outputs[k] = res["outputs"]
     blocks_per_seq = ceil_div(cfg.max_seq_len, BLOCK)
