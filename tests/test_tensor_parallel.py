@@ -86,7 +86,16 @@ def _baseline(results, name):
 
 
 def _scenarios(results):
-  return [(name, k) for name, by in results.items() for k in by if k != "1"]
+  return [(name, k) for name, by in _engines(results).items() for k in by if k != "1"]
+
+
+def _engines(results):
+  return {name: by for name, by in results.items() if name != "swap_round_trips"}
+
+
+def test_swap_entries_round_trip_sharded_pools_for_both_host_pools(results):
+  assert results["swap_round_trips"] == {f"{d}/{k}": True for d in ("float32", "int8")
+                                         for k in ("pinned_host", "numpy")}
 
 
 def test_outputs_are_token_identical_to_one_device(results):
@@ -111,7 +120,7 @@ def test_scenarios_exercise_preemption_caching_and_forks(results):
 
 
 def test_each_device_holds_its_share_of_every_block(results):
-  for name, by in results.items():
+  for name, by in _engines(results).items():
     one = _baseline(results, name)
     hkv = one["kv_global"][1]
     for k, res in by.items():
@@ -133,7 +142,7 @@ def test_each_device_holds_its_share_of_every_block(results):
 
 
 def test_step_programs_all_reduce_twice_per_layer_and_never_move_the_pool(results):
-  for name, by in results.items():
+  for name, by in _engines(results).items():
     for k, res in by.items():
       if k == "1":  # no mesh: the plain single-device step
         continue
@@ -148,7 +157,7 @@ def test_step_programs_all_reduce_twice_per_layer_and_never_move_the_pool(result
 
 
 def test_compile_counts_do_not_grow_with_k(results):
-  for name, by in results.items():
+  for name, by in _engines(results).items():
     # (same requests, same schedule: the same programs; swap's quick run has k = 8 alone)
     counts = {k: r["stats"]["num_compilations"] for k, r in by.items()}
     assert len(set(counts.values())) == 1, (name, counts)

@@ -75,6 +75,36 @@ def _run(llm, prompts, params) -> dict:
   }
 
 
+def _swap_round_trips(tp: int) -> dict:
+  """kv_cache's swap entries on a pool sharded over `tp` devices, for both host pools
+  (pinned_host: sharded like the pool; numpy: the fallback, gathered in this process) and
+  a float and an int8 cache: {"<dtype>/<memory kind>": blocks came back bit-exact}."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from pagedjax.runner import kv_cache as kvc
+  from pagedjax.runner import sharding
+
+  where = jax.sharding.NamedSharding(sharding.make_mesh(tp), sharding.KV_SPEC)
+  out = {}
+  for dtype in ("float32", "int8"):
+    for kind in ("pinned_host", "numpy"):
+      cache = kvc.init_kv_cache(num_layers=2, num_kv_heads=tp, num_blocks=8, block_size=4,
+                                head_dim=8, dtype=dtype, sharding=where)
+      x = jnp.asarray(np.random.default_rng(0).standard_normal((6, tp, 8)), jnp.float32)
+      cache = kvc.write_kv(cache, 0, x, -x, np.arange(6, dtype=np.int32))
+      before = [np.asarray(a) for a in jax.tree.leaves(cache)]
+      pool = kvc.swap_out_blocks(cache, kvc.init_host_pool(cache, 4, memory_kind=kind), [0, 1],
+                                 [2, 3])
+      cache = kvc.swap_in_blocks(kvc.copy_blocks(cache, [5], [0]), pool, [2, 3], [6, 7])
+      after = [np.asarray(a) for a in jax.tree.leaves(cache)]
+      out[f"{dtype}/{kind}"] = all(np.array_equal(b[:, :, [0, 1]], a[:, :, [6, 7]])
+                                   for b, a in zip(before, after)) and (
+                                     cache.k_pages.sharding == where)
+  return out
+
+
 def _engine(tp, mesh=None, **kw):
   from pagedjax import LLM
 
@@ -120,6 +150,7 @@ def main(argv=None) -> int:
     result[mode] = {str(tp): _run(_engine(tp, preemption_mode=mode), prompts, params)
                     for tp in ks}
     print(f"{mode} done", file=sys.stderr, flush=True)
+  result["swap_round_trips"] = _swap_round_trips(4)
   # A quantized pool: its scales are sharded like its pages.
   result["int8"] = {str(tp): _run(_engine(tp, kv_cache_dtype="int8"), prompts[:3], params[:3])
                     for tp in few(4)}
