@@ -152,6 +152,7 @@ def run(quick: bool = False, out_dir=None, *, num_requests: int | None = None,
   if jax.device_count() < max(SIZES) and jax.default_backend() == "cpu":
     with tempfile.TemporaryDirectory() as tmp:
       env = dict(os.environ)
+      env.pop("JAX_COMPILATION_CACHE_DIR", None)  # no executables shared across device counts
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                           f" --xla_force_host_platform_device_count={max(SIZES)}").strip()
       root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

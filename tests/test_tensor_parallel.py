@@ -29,6 +29,11 @@ SIZES = "1,2,4,8"
 
 def _env(devices: int) -> dict:
   env = dict(os.environ)
+  # Not the suite's shared compilation cache: a process with another device count (or
+  # several processes of one engine) must not exchange executables with the workers.
+  for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+               "PAGEDJAX_TEST_XLA_CACHE"):
+    env.pop(name, None)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={devices}").strip()
   env["JAX_PLATFORMS"] = "cpu"
