@@ -434,11 +434,13 @@ def copy_kv_blocks(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
 
 
 def _zeros(shape, dtype, sharding) -> jax.Array:
-  """Zeros with `sharding`, each device (or host memory) holding its shard. A sharding
-  that spans processes is filled by a jitted program (every process runs it); otherwise
-  by a transfer (a jit-made pinned_host array trips XLA:CPU's memory-kind check when it
-  is donated to the swap-out program later)."""
-  if sharding.is_fully_addressable:
+  """Zeros with `sharding`, each device (or host memory) holding its shard, in buffers
+  XLA owns: made by a jitted program (every process runs it when the sharding spans
+  processes). One exception: a single device's pinned_host array is a transfer of numpy
+  zeros, since a jit-made one trips XLA:CPU's memory-kind check when it is donated to the
+  swap-out program later. (Device pages are never transferred from numpy: on CPU that
+  transfer may alias the numpy buffer, and the pages are donated to every step.)"""
+  if sharding.memory_kind == "pinned_host" and isinstance(sharding, SingleDeviceSharding):
     return jax.device_put(np.zeros(shape, dtype), sharding)
   return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 

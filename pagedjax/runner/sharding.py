@@ -142,11 +142,13 @@ def zeros(shape, dtype, sharding) -> jax.Array:
 
 
 def per_device_nbytes(tree) -> int:
-  """Bytes one device holds of a tree of arrays (its first addressable shard of each)."""
+  """Bytes one device holds of a tree of arrays, from each array's shard shape: metadata
+  only, so it is safe beside a step that donates the arrays (e.g. the server's metrics
+  thread), unlike `addressable_shards`, which makes new views of the buffers."""
   total = 0
   for x in jax.tree.leaves(tree):
     if isinstance(x, jax.Array):
-      total += x.addressable_shards[0].data.nbytes
+      total += int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
     else:
       total += np.asarray(x).nbytes
   return total
