@@ -69,7 +69,7 @@ def _measure(quick: bool, num_requests: int | None, seed: int) -> dict:
     blocks_per_seq = ceil_div(cfg.max_seq_len, BLOCK)
     rows.append({
         "tensor_parallel_size": k,
-        "kv_heads_per_device": sharding.kv_heads_stored(cfg.num_kv_heads, k) // k,
+        "kv_heads_per_device": sharding.kv_heads_per_device(cfg.num_kv_heads, k),
         "kv_cache_memory_mb_per_device": budget_mb,
         "bytes_per_block_per_device": st["bytes_per_block_per_device"],
         "bytes_per_block_all_devices": st["bytes_per_block"],

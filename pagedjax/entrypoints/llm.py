@@ -178,9 +178,6 @@ class LLM:
         raise ValueError(f"tensor_parallel_size={tensor_parallel_size} but the mesh has "
                          f"{mesh.size} devices")
       tensor_parallel_size = mesh.size
-    elif tensor_parallel_size > jax.device_count():
-      raise ValueError(f"tensor_parallel_size={tensor_parallel_size} exceeds the "
-                       f"{jax.device_count()} devices available")
     if attention_impl == "auto":
       attention_impl = "pallas" if jax.default_backend() == "gpu" else "xla"
     _check_kv_dtype_for_impl(kv_cache_dtype, dtype, attention_impl)
@@ -208,8 +205,7 @@ class LLM:
                               kv_cache_dtype=KV_CACHE_DTYPES[kv_cache_dtype],
                               swap_dtype=SWAP_DTYPES[swap_dtype], async_swap=async_swap,
                               mesh=mesh)
-    heads_per_device = (sharding_lib.kv_heads_stored(cfg.num_kv_heads, tensor_parallel_size)
-                        // tensor_parallel_size)
+    heads_per_device = sharding_lib.kv_heads_per_device(cfg.num_kv_heads, tensor_parallel_size)
     bytes_per_block = kv_cache.block_bytes(cfg.num_layers, heads_per_device, block_size,
                                            cfg.head_dim, KV_CACHE_DTYPES[kv_cache_dtype] or dtype)
     if num_blocks is None:

@@ -438,8 +438,7 @@ def _zeros(shape, dtype, sharding) -> jax.Array:
   XLA owns: made by a jitted program (every process runs it when the sharding spans
   processes). One exception: a single device's pinned_host array is a transfer of numpy
   zeros, since a jit-made one trips XLA:CPU's memory-kind check when it is donated to the
-  swap-out program later. (Device pages are never transferred from numpy: on CPU that
-  transfer may alias the numpy buffer, and the pages are donated to every step.)"""
+  swap-out program later."""
   if sharding.memory_kind == "pinned_host" and isinstance(sharding, SingleDeviceSharding):
     return jax.device_put(np.zeros(shape, dtype), sharding)
   return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()

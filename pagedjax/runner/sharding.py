@@ -46,6 +46,7 @@ KV_SPEC = P(None, AXIS)
 # Parameter path (joined by ".") -> spec; anything else is replicated.
 _COLUMN = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(kernel|bias)$")
 _ROW = re.compile(r"\.(o_proj|down_proj)\.kernel$")
+_KV = re.compile(r"\.(k_proj|v_proj)\.(kernel|bias)$")
 
 
 def check_tensor_parallel_size(tp: int, *, num_heads: int, num_kv_heads: int, hidden_dim: int,
@@ -78,6 +79,11 @@ def make_mesh(tp: int, devices=None) -> Mesh:
 def kv_heads_stored(num_kv_heads: int, tp: int) -> int:
   """kv heads in the pool: the model's, or tp when each is replicated (tp > Hkv)."""
   return max(num_kv_heads, tp)
+
+
+def kv_heads_per_device(num_kv_heads: int, tp: int) -> int:
+  """kv heads each device holds of every block."""
+  return kv_heads_stored(num_kv_heads, tp) // tp
 
 
 def _path(path) -> str:
@@ -116,7 +122,7 @@ def replicate_kv_heads(params, *, num_kv_heads: int, head_dim: int, tp: int):
     return params
 
   def expand(path, x):
-    if not re.search(r"\.(k_proj|v_proj)\.(kernel|bias)$", _path(path)):
+    if not _KV.search(_path(path)):
       return x
     lead = x.shape[:-1]
     heads = np.asarray(x).reshape(*lead, num_kv_heads, head_dim)
