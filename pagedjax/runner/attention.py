@@ -67,9 +67,13 @@ _ROW_GROUPS = 4
 # decode step's attention. So decode rows loop in more groups, over smaller chunks of at
 # most 8 pages (measured, 4 layers, contexts log-normal: 64 rows at mean context 62
 # 12.2 -> 6.1 ms, at 253 19.3 -> 15.6 ms; 8 rows at 40 9.8 -> 1.1 ms; 1 row at 62 1.5 ->
-# 0.23 ms). Prefill tiles measured no better under the same changes (within noise).
+# 0.23 ms). Prefill tiles: at most 4 pages (64 keys at block size 16) per chunk. A few
+# tiles (one prompt) made chunks of up to the whole table (512 keys) whose keys past the
+# tiles' causal reach were all computed and masked: 4-layer attention of one 256-token
+# prompt 28 -> 5 ms, of a 256-token chunk after 256 cached tokens 24 -> 13 ms; steps of
+# many tiles already had small chunks (the byte cap) and measured the same (noise).
 _DECODE = (8, 1 << 17, 8)
-_TILES = (_ROW_GROUPS, _CHUNK_BYTES, None)
+_TILES = (_ROW_GROUPS, _CHUNK_BYTES, 4)
 
 
 @flax.struct.dataclass
