@@ -5,7 +5,8 @@
   python -m bench.gpu_check tensor_parallel OUT_DIR  # k = 1 vs all devices (multi-GPU)
 
 exactness: the Pallas engine's greedy tokens against the dense no-cache forward, and
-against the xla engine on a mix of chunked prompts, decodes, n > 1 and beams (float32);
+against the xla engine on a mix of chunked prompts, decodes, n > 1 and beams (float32),
+also with multi-step decoding;
 bfloat16 is reported as token agreement, not asserted. bandwidth: achieved HBM bandwidth
 (K/V bytes read / median time) of the compiled decode and ragged kernels at a long
 context, next to a device-to-device copy of the same bytes measured in the same run.
@@ -67,6 +68,13 @@ def exactness(out_dir: pathlib.Path) -> int:
                                         "preemptions": llm.memory_stats()["num_preemptions"]}
     if not ok:
       failures.append(f"pallas ({mode}) != xla on the mix")
+  # Multi-step decoding: the kernels inside the loop of decode steps.
+  llm = LLM(attention_impl="pallas", num_blocks=256, num_scheduler_steps=4)
+  ok = toks(llm.generate(prompts, mix)) == ref
+  doc["pallas_multi_step_vs_xla_mix"] = {"identical": ok,
+                                         "multi_steps": llm.memory_stats()["num_multi_steps"]}
+  if not ok:
+    failures.append("pallas (num_scheduler_steps=4) != xla on the mix")
   b16 = [o.outputs[0].token_ids for o in LLM(attention_impl="pallas", dtype="bfloat16",
                                               num_blocks=256).generate(prompts, greedy)]
   same = sum(a == b for x, y in zip(b16, dense) for a, b in zip(x, y))

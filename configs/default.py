@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.engine.swap_dtype = "auto"
   # Issue swaps without waiting for them (False: wait for each, the synchronous baseline).
   config.engine.async_swap = True
+  # Multi-step scheduling (vLLM's num_scheduler_steps): when nothing waits and every
+  # request decodes, run up to this many decode steps per scheduled step (one round of
+  # host work for all of them; streamed tokens then come in bursts). 1: off.
+  config.engine.num_scheduler_steps = 1
   # Seeds requests that do not set their own.
   config.engine.seed = 0
   # Devices the model and the KV pool are sharded over by attention heads (1: one device).

@@ -17,7 +17,8 @@ ran is compiled again for a 64x larger pool (8192 pages), and:
     weights converted for CPU matmuls, are far smaller);
   * the optimised HLO has no copy or convert of pool shape.
 The block-copy programs (copy-on-write, swap-in) get the same checks, where the
-temporaries must also not grow between a small and the large pool.
+temporaries must also not grow between a small and the large pool, and so do the
+multi-step decode programs (the pool carried through a loop of decode steps).
 """
 
 import re
@@ -98,7 +99,21 @@ def test_engine_compiled_every_kind_of_step(served):
 
 
 def test_no_step_program_copies_the_pool(served):
-  runner = served.runner
+  _check_programs(served.runner, 4 if served.runner.kv.dtype == jnp.float32 else 2)
+
+
+@pytest.mark.parametrize("dtype, kv_dtype", [("float32", "auto"), ("bfloat16", "auto"),
+                                             ("float32", "int8")])
+def test_no_multi_step_program_copies_the_pool(dtype, kv_dtype):
+  """The pool is carried through the multi-step decode loop in place as well."""
+  llm = LLM(num_blocks=SMALL, dtype=dtype, kv_cache_dtype=kv_dtype, max_num_batched_tokens=64,
+            max_num_seqs=8, num_scheduler_steps=4)
+  llm.generate(["def ", "The "], SamplingParams(max_tokens=9, temperature=0.0))
+  assert any("steps" in key for key in llm.runner.programs)
+  _check_programs(llm.runner, 2)
+
+
+def _check_programs(runner, min_programs: int):
   geometry = kvc.PoolGeometry.of(runner.kv.k_pages)
   itemsize = runner.kv.k_pages.dtype.itemsize
   per_page = geometry.num_layers * geometry.num_kv_heads * geometry.block_size * \
@@ -106,7 +121,7 @@ def test_no_step_program_copies_the_pool(served):
   pool = LARGE * per_page  # one page array (K or V), all layers
   layer = pool // geometry.num_layers
   large = dict(runner.compiled_programs(LARGE))
-  assert len(large) >= (4 if runner.kv.dtype == jnp.float32 else 2)
+  assert len(large) >= min_programs
   for key, compiled in large.items():
     m = compiled.memory_analysis()
     assert m.alias_size_in_bytes >= 2 * pool, f"step program {key}: pool not updated in place"

@@ -5,6 +5,7 @@ A fake device answers every sample row with a token derived from the row's seque
 scheduler + block manager for thousands of steps in seconds.
 """
 
+import dataclasses
 import os
 
 import hypothesis.strategies as st
@@ -282,3 +283,123 @@ def test_recomputed_forked_group_that_becomes_decode_ready_stays_within_the_budg
     step += 1
     assert step < 500
   assert bm.num_free_blocks == bm.num_blocks
+
+
+# ------------------------------------------------------------- multi-step decoding
+def _token(group, sample_index, pos):
+  """The fake device's draw: a function of (request, sample, position) alone, as the
+  engine's per-position PRNG keys make it; EOS now and then."""
+  h = hash((group.request_id, sample_index, pos)) % 1009
+  return EOS if h % 11 == 0 else 1 + h % 7
+
+
+def _positional_result(out):
+  """A fake StepResult drawn with `_token` (one leading axis per inner step if any)."""
+  def one(rows):
+    r = max(len(rows), 1)
+    tokens = np.array([_token(s.group, j, pos) for s, j, pos in rows] or [0])
+    top_ids = np.tile(np.arange(1, K + 1), (r, 1))
+    top_lps = -np.tile(np.arange(K, dtype=np.float64), (r, 1)) - 0.01 * np.arange(r)[:, None]
+    return StepResult(tokens, -np.ones(r), np.ones(r, int), top_ids, top_lps)
+
+  if out.num_steps == 1:
+    return one([(s, j, s.seq.num_tokens) for s in out.seqs for j in s.sample_indices])
+  steps = [one([(s, s.seq.sample_index, s.start + 1 + i) for s in out.seqs])
+           for i in range(out.num_steps)]
+  return StepResult(*(np.stack(x) for x in zip(*(dataclasses.astuple(r) for r in steps))))
+
+
+def _serve(groups, num_steps, **make):
+  bm, s = _make(**make)
+  s.num_scheduler_steps = num_steps
+  for g in groups:
+    s.add(g)
+  multi = 0
+  while s.has_unfinished():
+    out = s.schedule()
+    if out.num_steps > 1:
+      multi += 1
+      assert all(len(q.token_ids) == 1 and 1 <= q.num_steps <= num_steps for q in out.seqs)
+      for q in out.seqs:  # slots reserved for every inner step, no more
+        assert bm.num_tokens(q.seq.seq_id) == q.start + q.num_steps
+        num_out, p = len(q.seq.output_token_ids), q.group.params
+        assert num_out + q.num_steps <= p.max_tokens  # nothing past max_tokens
+        # min_tokens' bans hold for a whole window or not at all
+        assert num_out >= p.min_tokens or num_out + q.num_steps <= p.min_tokens
+    s.update_from_output(out, _positional_result(out), on_error=lambda g, e: pytest.fail(repr(e)))
+  assert bm.num_free_blocks == bm.num_blocks
+  return {g.request_id: [(q.output_token_ids, q.finish_reason, q.stop_reason) for q in g.seqs]
+          for g in groups}, multi
+
+
+def test_multi_step_reserves_each_sequences_steps_and_stops_where_single_steps_stop():
+  def groups():
+    return [_group(0, 5, max_tokens=3, ignore_eos=False),  # ends by length inside a window
+            _group(1, 9, max_tokens=40, ignore_eos=False, min_tokens=6),
+            _group(2, 4, max_tokens=30, n=2, temperature=1.0, stop_token_ids=[5]),
+            _group(3, 3, max_tokens=25)]
+  single, _ = _serve(groups(), 1, num_blocks=64)
+  multi, num_multi = _serve(groups(), 8, num_blocks=64)
+  assert num_multi > 0 and multi == single
+
+
+def test_multi_step_needs_idle_queues_and_the_blocks_of_every_step():
+  bm, s = _make(num_blocks=64, block_size=4)
+  s.num_scheduler_steps = 4
+  s.add(_group(0, 4, max_tokens=20))
+  out = s.schedule()  # the prompt: a prefill step
+  assert out.num_steps == 1
+  s.update_from_output(out, _positional_result(out), on_error=pytest.fail)
+  s.add(_group(1, 4, max_tokens=20))
+  out = s.schedule()  # a request waits: single steps until it is admitted and decodes
+  assert out.num_steps == 1 and {q.group.request_id for q in out.seqs} == {"r0", "r1"}
+  s.update_from_output(out, _positional_result(out), on_error=pytest.fail)
+  out = s.schedule()
+  assert out.num_steps == 4
+  s.update_from_output(out, _positional_result(out), on_error=pytest.fail)
+  # Too few free blocks for 4 more tokens each: one step, with preemption as usual.
+  while bm.num_free_blocks >= 2:
+    bm.device_allocator.allocate()
+  out = s.schedule()
+  assert out.num_steps == 1
+
+
+def test_multi_step_keeps_single_steps_for_beam_search():
+  _, s = _make(num_blocks=64)
+  s.num_scheduler_steps = 4
+  s.add(_group(0, 4, max_tokens=10, use_beam_search=True, beam_width=2, n=1, temperature=0.0))
+  while s.has_unfinished():
+    out = s.schedule()
+    assert out.num_steps == 1
+    s.update_from_output(out, _fake_result(out), on_error=pytest.fail)
+
+
+@given(requests=st.lists(_request, min_size=1, max_size=6), num_steps=st.integers(2, 9),
+       block_size=st.sampled_from([4, 8]), slack=st.integers(0, 12),
+       mode=st.sampled_from(["recompute", "swap"]), max_num_seqs=st.integers(3, 8))
+@settings(max_examples=_EXAMPLES // 2, deadline=None, suppress_health_check=list(HealthCheck))
+def test_multi_step_outputs_equal_single_steps(requests, num_steps, block_size, slack, mode,
+                                               max_num_seqs):
+  """Any mix (beams fall back to single steps), any cache that fits each request alone,
+  under preemption: the same tokens and finish reasons, every block freed."""
+  def groups():
+    out = []
+    for i, r in enumerate(requests):
+      width = int(r["kind"][-1]) if r["kind"] != "greedy" else 1
+      kw = dict(max_tokens=r["max_tokens"], ignore_eos=r["arrive"] % 2 == 0,
+                min_tokens=min(r["arrive"] % 4, r["max_tokens"]),
+                stop_token_ids=[r["arrive"] % 8])
+      if r["kind"].startswith("beam"):
+        kw.update(use_beam_search=True, beam_width=width, n=1, temperature=0.0, min_tokens=0,
+                  stop_token_ids=[])
+      elif width > 1:
+        kw.update(n=width, temperature=1.0)
+      out.append(_group(i, r["prompt"], **kw))
+    return out
+  need = max(max_blocks_needed(len(g.prompt_token_ids), g.params.max_tokens, g.width,
+                               block_size=block_size, max_model_len=512) for g in groups())
+  make = dict(num_blocks=need + slack, block_size=block_size, host=40, mode=mode,
+              max_num_seqs=max_num_seqs, budget=64)
+  single, _ = _serve(groups(), 1, **make)
+  multi, _ = _serve(groups(), num_steps, **make)
+  assert multi == single

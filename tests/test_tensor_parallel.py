@@ -108,7 +108,7 @@ def test_outputs_are_token_identical_to_one_device(results):
   # greedy + seeded n=2 + beams, prefix caching, preemption by recompute and by swap, at
   # k = 2, 4, 8 (8 > kv heads: replicated); int8 pages; Pallas (interpreted); HF checkpoints.
   assert {k for name, k in compared if name == "recompute"} == {"2", "4", "8"}
-  assert {"swap", "int8", "pallas"} <= {name for name, _ in compared}
+  assert {"swap", "int8", "pallas", "multistep"} <= {name for name, _ in compared}
   assert any(name.startswith("hf:") for name, _ in compared)
   for name, k in compared:
     _assert_same_tokens(_baseline(results, name), results[name][k], f"{name} k={k}")

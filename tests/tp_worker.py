@@ -154,6 +154,10 @@ def main(argv=None) -> int:
   # A quantized pool: its scales are sharded like its pages.
   result["int8"] = {str(tp): _run(_engine(tp, kv_cache_dtype="int8"), prompts[:3], params[:3])
                     for tp in few(4)}
+  # Multi-step decoding: the pool is carried through the loop of decode steps per device.
+  result["multistep"] = {str(tp): _run(_engine(tp, num_scheduler_steps=4), prompts[:3],
+                                       params[:3])
+                         for tp in few(2)}
   if args.pallas:
     result["pallas"] = {
       str(tp): _run(_engine(tp, attention_impl="pallas_interpret", max_num_seqs=2),

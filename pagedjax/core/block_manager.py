@@ -375,18 +375,21 @@ class BlockManager:
     self.prefix_cache_queries += num_query_tokens
     self.prefix_cache_hits += num_hit_tokens
 
-  def cache_full_blocks(self, seq_id: Hashable, token_slice: Callable[[int, int], Sequence[int]]
-                        ) -> None:
+  def cache_full_blocks(self, seq_id: Hashable, token_slice: Callable[[int, int], Sequence[int]],
+                        *, upto: int | None = None) -> None:
     """Registers the resident sequence's blocks that are full (every slot reserved)
     and not yet hashed; `token_slice(start, end)` gives its tokens at [start, end).
-    A block whose hash is already cached elsewhere stays an uncached duplicate."""
+    `upto`: only blocks within the first `upto` tokens (slots reserved for tokens not
+    drawn yet, by a multi-step decode, have no tokens to hash). A block whose hash is
+    already cached elsewhere stays an uncached duplicate."""
     if not self.enable_caching:
       return
     seq = self._get_resident(seq_id)
     if not seq.cacheable:
       return
     bs = self.block_size
-    for i in range(len(seq.entries), seq.num_tokens // bs):
+    end = seq.num_tokens if upto is None else min(upto, seq.num_tokens)
+    for i in range(len(seq.entries), end // bs):
       parent = seq.entries[-1].hash if seq.entries else None
       tokens = tuple(token_slice(i * bs, (i + 1) * bs))
       entry = _CacheEntry(block_hash(parent, tokens, seq.cache_salt), parent, tokens)

@@ -10,6 +10,13 @@
      and requeue; the prompt and outputs are prefilled again in chunks);
   2. then, in arrival order, swapped groups come back (swap-in) and waiting groups are
      admitted (their first chunk), FCFS: the first that does not fit stops admission.
+With `num_scheduler_steps` = N > 1 (vLLM's multi-step scheduling), a step in which
+nothing waits, nothing is swapped out and every running request is decode-ready runs up
+to N decode steps in one device program: each sequence gets the slots of its next N
+tokens (fewer where max_tokens, the context or min_tokens' banned window comes first),
+and the host checks the tokens one step at a time afterwards, discarding those drawn
+after a stop. Beam search (host-side selection each step) keeps single steps. The
+tokens are those of N single steps.
 It emits a `SchedulerOutput` holding everything the device side needs: per scheduled
 sequence its tokens, first position, block table and which sample streams to draw,
 plus the block copies (swap-out, swap-in, copy-on-write) to run first, in that order.
@@ -73,6 +80,8 @@ class ScheduledSeq:
     sample_indices: the sample streams drawn from this sequence's last logits: () when
       the chunk does not reach its last token, (0, .., n-1) for a fresh parallel-sampling
       prompt (forked after the step), (sample_index,) otherwise.
+    num_steps: decode steps this sequence runs in a multi-step (1 otherwise); its table
+      holds the slots of all of them.
   """
 
   seq: Sequence
@@ -81,6 +90,7 @@ class ScheduledSeq:
   token_ids: list[int]
   block_table: list[int]
   sample_indices: tuple[int, ...]
+  num_steps: int = 1
 
 
 @dataclasses.dataclass
@@ -91,8 +101,9 @@ class SchedulerOutput:
     seqs: scheduled sequences; decodes (one token) first, then prefill chunks.
     swap_out / swap_in / cow: block copy ops, run in that order before the step:
       (device, host), (host, device), (src, dst).
-    num_batched_tokens: tokens computed this step.
+    num_batched_tokens: tokens computed this step (by its first inner step).
     preempted: groups preempted while building this step.
+    num_steps: inner decode steps (> 1: a multi-step decode; every seq is a decode).
   """
 
   seqs: list[ScheduledSeq] = dataclasses.field(default_factory=list)
@@ -101,6 +112,7 @@ class SchedulerOutput:
   cow: list[tuple[int, int]] = dataclasses.field(default_factory=list)
   num_batched_tokens: int = 0
   preempted: list[SequenceGroup] = dataclasses.field(default_factory=list)
+  num_steps: int = 1
   # Device blocks registered in the prefix cache while building this step (their K/V
   # is written by it): unregistered again if the step fails.
   cached_blocks: list[int] = dataclasses.field(default_factory=list)
@@ -120,7 +132,8 @@ class StepResult:
 
   tokens [R] int, logprobs [R] float, ranks [R] int (1 = most likely), top_ids /
   top_logprobs [R, K]: the K most likely tokens of the row's distribution, best first
-  (beam search and logprobs use them).
+  (beam search and logprobs use them). A multi-step decode's arrays have a leading
+  [num_steps] axis (`inner` takes one step's).
   """
 
   tokens: object
@@ -128,6 +141,9 @@ class StepResult:
   ranks: object
   top_ids: object
   top_logprobs: object
+
+  def inner(self, j: int) -> StepResult:
+    return StepResult(*(x[j] for x in dataclasses.astuple(self)))
 
 
 class Scheduler:
@@ -147,17 +163,23 @@ class Scheduler:
       admission, the model's context ("max"), the next power of two of prompt +
       max_tokens ("pow2"), or prompt + max_tokens itself ("oracle": the true length when
       requests run to max_tokens); see `reserved_blocks`.
+    num_scheduler_steps: most decode steps one scheduled step runs (1: every step is
+      scheduled; see the module docstring).
   """
 
   def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
                max_num_batched_tokens: int, max_model_len: int,
                eos_token_ids: Collection[int] = (), preemption_mode: str = "recompute",
-               enable_chunked_prefill: bool = True, reservation: str | None = None):
+               enable_chunked_prefill: bool = True, reservation: str | None = None,
+               num_scheduler_steps: int = 1):
     if reservation not in RESERVATIONS:
       raise ValueError(f"reservation must be one of {RESERVATIONS}, got {reservation!r}")
     self.reservation = reservation
     if preemption_mode not in PREEMPTION_MODES:
       raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
+    if num_scheduler_steps < 1:
+      raise ValueError(f"num_scheduler_steps must be >= 1, got {num_scheduler_steps}")
+    self.num_scheduler_steps = num_scheduler_steps
     if max_num_seqs < 1:
       raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
     if max_num_batched_tokens < max_num_seqs:
@@ -226,8 +248,11 @@ class Scheduler:
 
   # ------------------------------------------------------------- scheduling
   def schedule(self) -> SchedulerOutput:
-    out = SchedulerOutput()
     self.bm.newly_cached = []
+    out = self._schedule_multi_step()
+    if out is not None:
+      return out
+    out = SchedulerOutput()
     for group in self.running:  # before counting decodes: this can make a group decode-ready
       self._fork_waiting_prefixes(group)
     ready = {id(g) for g in self.running if g.is_decode_ready()}  # decode this step
@@ -265,6 +290,42 @@ class Scheduler:
       budget = self._admit(out, budget, decodes, chunks)
     out.seqs = decodes + chunks
     out.num_batched_tokens = sum(len(s.token_ids) for s in out.seqs)
+    out.cached_blocks, self.bm.newly_cached = self.bm.newly_cached, []
+    return out
+
+  def _schedule_multi_step(self) -> SchedulerOutput | None:
+    """A multi-step decode of every running sequence, or None when this step is not one
+    (the module docstring says when). Each sequence runs as many of the N steps as it
+    can before max_tokens or the context ends it and without crossing the start or end
+    of min_tokens' banned window (its bans are set once per step); its blocks are
+    reserved for all of them, with no preemption: without the blocks, a single step."""
+    n = self.num_scheduler_steps
+    if n == 1 or self.waiting or self.swapped or not self.running:
+      return None
+    plan = []
+    for group in self.running:
+      p = group.params
+      if p.use_beam_search or not group.is_decode_ready():
+        return None
+      for seq in group.live_seqs:
+        num_out = len(seq.output_token_ids)
+        k = min(n, p.max_tokens - num_out, self.max_model_len - seq.num_tokens)
+        if num_out < p.min_tokens:  # the banned window (engine's DeviceSampling) ends here
+          k = min(k, p.min_tokens - num_out)
+        plan.append((group, seq, max(k, 1)))
+    if self.bm.blocks_to_append_all((s.seq_id, k) for _, s, k in plan) > self.bm.num_free_blocks:
+      return None
+    out = SchedulerOutput(num_steps=max(k for _, _, k in plan))
+    for group, seq, k in plan:
+      op = self.bm.append_slots(seq.seq_id, k)
+      if op is not None:
+        out.cow.append(op)
+      start = seq.num_computed_tokens
+      # Only the blocks whose tokens are known now; the rest as the tokens arrive.
+      self.bm.cache_full_blocks(seq.seq_id, seq.token_slice, upto=start + 1)
+      out.seqs.append(ScheduledSeq(seq, group, start, seq.token_slice(start, start + 1),
+                                   self.bm.block_table(seq.seq_id), (seq.sample_index,), k))
+    out.num_batched_tokens = len(out.seqs)
     out.cached_blocks, self.bm.newly_cached = self.bm.newly_cached, []
     return out
 
@@ -465,14 +526,19 @@ class Scheduler:
 
   # ---------------------------------------------------------- after a step
   def update_from_output(self, out: SchedulerOutput, result: StepResult, *,
-                         on_error: Callable[[SequenceGroup, Exception], None]
+                         on_error: Callable[[SequenceGroup, Exception], None],
+                         after_token: Callable[[SequenceGroup], None] | None = None
                          ) -> list[SequenceGroup]:
     """Applies a step's results; returns the groups it advanced.
 
     Each group is processed on its own: an exception while appending, forking or
-    selecting beams for one request ends that request (`on_error(group, exc)`, after
-    its blocks are freed) and leaves the others untouched.
+    selecting beams for one request (or in `after_token`) ends that request
+    (`on_error(group, exc)`, after its blocks are freed) and leaves the others untouched.
+    `after_token(group)` runs after each new token of the group's sequences (once per
+    inner step of a multi-step decode): the engine's stop strings, which may end them.
     """
+    if out.num_steps > 1:
+      return self._update_multi_step(out, result, on_error, after_token)
     rows_of: dict[int, list[tuple[ScheduledSeq, int]]] = {}
     groups: dict[int, SequenceGroup] = {}
     r = 0
@@ -492,9 +558,39 @@ class Scheduler:
             self._beam_step(group, rows, result)
           else:
             self._sample_step(group, rows, result)
+          if after_token is not None:
+            after_token(group)
       except Exception as e:  # noqa: BLE001  (isolation: one request's failure is its own)
         self.finish_group(group, "error")
         on_error(group, e)
+    self.drop_finished()
+    return list(groups.values())
+
+  def _update_multi_step(self, out: SchedulerOutput, result: StepResult, on_error,
+                         after_token) -> list[SequenceGroup]:
+    """A multi-step decode's results, one inner step at a time, as single steps would
+    have applied them: a sequence that stops keeps no later token (its blocks, reserved
+    for all of its steps, are freed with it)."""
+    groups = {id(s.group): s.group for s in out.seqs}
+    for j in range(out.num_steps):
+      res = result.inner(j)
+      rows_of: dict[int, list[tuple[ScheduledSeq, int]]] = {}
+      for r, s in enumerate(out.seqs):
+        if j < s.num_steps and not s.seq.is_finished:
+          rows_of.setdefault(id(s.group), []).append((s, r))
+      for gid, rows in rows_of.items():
+        group = groups[gid]
+        try:
+          for s, _ in rows:
+            s.seq.num_computed_tokens = s.start + j + 1
+            self.bm.cache_full_blocks(s.seq.seq_id, s.seq.token_slice,
+                                      upto=s.seq.num_computed_tokens)
+          self._sample_step(group, rows, res)
+          if after_token is not None:
+            after_token(group)
+        except Exception as e:  # noqa: BLE001  (isolation, as in update_from_output)
+          self.finish_group(group, "error")
+          on_error(group, e)
     self.drop_finished()
     return list(groups.values())
 

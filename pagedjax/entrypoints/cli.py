@@ -62,7 +62,8 @@ def _build_llm(config: ml_collections.ConfigDict) -> LLM:
              preemption_mode=e.preemption_mode, attention_impl=e.attention_impl, dtype=e.dtype,
              kv_cache_dtype=e.kv_cache_dtype, swap_dtype=e.swap_dtype, async_swap=e.async_swap,
              kv_cache_memory_mb=e.kv_cache_memory_mb, seed=e.seed,
-             tensor_parallel_size=e.tensor_parallel_size)
+             tensor_parallel_size=e.tensor_parallel_size,
+             num_scheduler_steps=e.num_scheduler_steps)
 
 
 def init_distributed(config: ml_collections.ConfigDict) -> None:

@@ -131,6 +131,11 @@ class LLM:
     kv_reservation: None (paging), or the paper's Orca baselines as admission policies
       of this engine, for benchmarks: "max", "pow2" or "oracle" reserve each request's
       context, power-of-two or true length at admission (see core.scheduler).
+    num_scheduler_steps: vLLM's multi-step scheduling: when nothing waits and every
+      running request decodes (no beam search), one step runs up to this many decode
+      steps in one device program, with one round of scheduling and host bookkeeping
+      (1: every decode step is scheduled). Same tokens; streamed outputs then arrive up
+      to this many tokens at a time.
   """
 
   def __init__(self, model: str | None = None, *, max_model_len: int | None = None,
@@ -142,7 +147,8 @@ class LLM:
                dtype: str = "float32", kv_cache_dtype: str = "auto", swap_dtype: str = "auto",
                async_swap: bool = True, kv_cache_memory_mb: float = 64.0, seed: int = 0,
                skip_tokenizer_init: bool = False, kv_reservation: str | None = None,
-               tensor_parallel_size: int = 1, mesh: jax.sharding.Mesh | None = None):
+               tensor_parallel_size: int = 1, mesh: jax.sharding.Mesh | None = None,
+               num_scheduler_steps: int = 1):
     _check_choice("attention_impl", attention_impl, ATTENTION_IMPLS)
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("kv_cache_dtype", kv_cache_dtype, tuple(KV_CACHE_DTYPES))
@@ -162,6 +168,7 @@ class LLM:
     _check_int("num_blocks", num_blocks, 1, none_ok=True)
     _check_int("num_host_blocks", num_host_blocks, 0, none_ok=True)
     _check_int("seed", seed, 0)
+    num_scheduler_steps = _check_int("num_scheduler_steps", num_scheduler_steps, 1)
     if not isinstance(enable_chunked_prefill, bool):
       raise TypeError(f"enable_chunked_prefill must be a bool, got {enable_chunked_prefill!r}")
     if not isinstance(enable_prefix_caching, bool):
@@ -204,7 +211,7 @@ class LLM:
                               vocab_size=self.tokenizer.vocab_size,
                               kv_cache_dtype=KV_CACHE_DTYPES[kv_cache_dtype],
                               swap_dtype=SWAP_DTYPES[swap_dtype], async_swap=async_swap,
-                              mesh=mesh)
+                              mesh=mesh, num_scheduler_steps=num_scheduler_steps)
     heads_per_device = sharding_lib.kv_heads_per_device(cfg.num_kv_heads, tensor_parallel_size)
     bytes_per_block = kv_cache.block_bytes(cfg.num_layers, heads_per_device, block_size,
                                            cfg.head_dim, KV_CACHE_DTYPES[kv_cache_dtype] or dtype)
@@ -223,7 +230,8 @@ class LLM:
                                eos_token_ids=self.tokenizer.eos_token_ids,
                                preemption_mode=preemption_mode,
                                enable_chunked_prefill=enable_chunked_prefill,
-                               reservation=kv_reservation)
+                               reservation=kv_reservation,
+                               num_scheduler_steps=num_scheduler_steps)
     self._request_counter = itertools.count()
     self._arrivals = itertools.count()
     self._seed_rng = np.random.default_rng(seed)
@@ -232,6 +240,7 @@ class LLM:
     self._pending: dict[str, RequestOutput] = {}
     self._peak = {"used_blocks": 0, "waste_pct": 0.0}
     self._stats = {"num_steps": 0, "num_prefill_steps": 0, "num_decode_steps": 0,
+                   "num_multi_steps": 0,
                    "num_generated_tokens": 0, "num_prefill_tokens": 0,
                    "num_batched_tokens": 0, "num_failed_requests": 0,
                    "num_failed_steps": 0, "step_time_s": 0.0, "device_time_s": 0.0}
@@ -410,15 +419,8 @@ class LLM:
       out = None
     groups = []
     if out is not None:
-      groups = self.scheduler.update_from_output(so, StepResult(*out), on_error=self._failed)
-      for group in groups:  # incl. groups this step finished: a last token may end in a stop
-        if not group.params.use_beam_search and group.params.stop and group.error is None:
-          try:
-            self._check_stop_strings(group)
-          except Exception as e:  # noqa: BLE001
-            self.scheduler.finish_group(group, "error")
-            self._failed(group, e)
-      self.scheduler.drop_finished()
+      groups = self.scheduler.update_from_output(so, StepResult(*out), on_error=self._failed,
+                                                 after_token=self._check_stop_strings)
     self._account(so, start)
     touched = {g.request_id: g for g in groups + failed}
     for rid, g in touched.items():
@@ -454,8 +456,12 @@ class LLM:
     self._stats["num_failed_requests"] += 1
 
   def _check_stop_strings(self, group: SequenceGroup) -> None:
-    """Ends sequences whose new text contains a stop string (the text before it is kept)."""
+    """Ends sequences whose new text contains a stop string (the text before it is kept).
+    Runs after each new token, for sequences that just finished too (their last token
+    may complete a stop string)."""
     p = group.params
+    if p.use_beam_search or not p.stop:
+      return
     longest = max(len(s) for s in p.stop)
     for seq in group.seqs:
       # Running sequences, and those that just hit max_tokens: the token that ended one
@@ -490,7 +496,11 @@ class LLM:
     # A step with any prefill chunk counts as a prefill step; decode-only steps as decode.
     prefill = any(len(s.token_ids) > 1 or s.start < len(s.seq.prompt_token_ids) for s in so.seqs)
     st["num_prefill_steps" if prefill else "num_decode_steps"] += 1
-    st["num_generated_tokens"] += sum(len(s.sample_indices) for s in so.seqs)
+    if so.num_steps > 1:  # the tokens kept: a sequence's computed ones, plus the one drawn last
+      st["num_multi_steps"] += 1
+      st["num_generated_tokens"] += sum(s.seq.num_computed_tokens - s.start for s in so.seqs)
+    else:
+      st["num_generated_tokens"] += sum(len(s.sample_indices) for s in so.seqs)
     st["num_prefill_tokens"] += sum(len(s.token_ids) for s in so.seqs
                                     if s.start < len(s.seq.prompt_token_ids))
     st["num_batched_tokens"] += so.num_batched_tokens

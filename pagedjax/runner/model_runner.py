@@ -94,12 +94,14 @@ class ModelRunner:
       parameters sharded by heads, the pool by kv heads (each device holds 1/k of every
       block; kv heads replicated when k exceeds them), see pagedjax.runner.sharding.
       num_blocks counts blocks, which stay global.
+    num_scheduler_steps: inner steps of a multi-step decode program (`step.multi_step`;
+      the scheduler decides when a step is one, see `Scheduler`).
   """
 
   def __init__(self, module, *, num_blocks: int, block_size: int, num_host_blocks: int,
                max_model_len: int, dtype, attention_impl: str, vocab_size: int,
                max_num_seqs: int = 64, kv_cache_dtype=None, swap_dtype=None,
-               async_swap: bool = True, mesh=None):
+               async_swap: bool = True, mesh=None, num_scheduler_steps: int = 1):
     if attention_impl not in IMPLS:
       raise ValueError(f"attention_impl must be one of {IMPLS}, got {attention_impl!r}")
     cfg = module.cfg
@@ -113,6 +115,7 @@ class ModelRunner:
                                               hidden_dim=cfg.hidden_dim, num_devices=tp)
     self.impl = attention_impl
     self.max_num_seqs = max_num_seqs
+    self.num_scheduler_steps = num_scheduler_steps
     self.dtype = jnp.dtype(dtype)
     self.kv_cache_dtype = self.dtype if kv_cache_dtype is None else jnp.dtype(kv_cache_dtype)
     self.swap_dtype = None if swap_dtype is None else jnp.dtype(swap_dtype)
@@ -226,17 +229,40 @@ class ModelRunner:
 
   # ------------------------------------------------------------------- step
   def execute(self, so):
-    """Runs one scheduled step; returns (tokens, logprobs, top_ids, top_logprobs) numpy."""
+    """Runs one scheduled step; returns (tokens, logprobs, ranks, top_ids, top_logprobs)
+    as numpy arrays, each with a leading [so.num_steps] axis when the step is a
+    multi-step decode."""
     batch, samp, key = self.prepare(so)
-    return self._run(batch, samp, key)
+    if so.num_steps == 1:
+      return self._run(batch, samp, key)
+    ms = self._multi_step_batch(so, batch.token_ids.shape[0], samp.row_index.shape[0])
+    out = self._run(batch, samp, (*key, "steps", self.num_scheduler_steps), ms)
+    return tuple(x[:so.num_steps] for x in out)
 
-  def _run(self, batch, samp, key):
+  def _run(self, batch, samp, key, ms=None):
     if key not in self.programs:
       self.programs[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                        (batch, samp))
-    self.kv, out = step_lib.step(self._params, self.kv, batch, samp, graphdef=self._static_graph,
-                                 impl=self.impl, vocab_size=self.vocab_size, mesh=self.mesh)
+                                        (batch, samp) if ms is None else (batch, samp, ms))
+    common = dict(graphdef=self._static_graph, impl=self.impl, vocab_size=self.vocab_size,
+                  mesh=self.mesh)
+    if ms is None:
+      self.kv, out = step_lib.step(self._params, self.kv, batch, samp, **common)
+    else:
+      self.kv, out = step_lib.multi_step(self._params, self.kv, batch, samp, ms,
+                                         max_steps=self.num_scheduler_steps, **common)
     return jax.device_get(out)
+
+  def _multi_step_batch(self, so, t_cap: int, r_cap: int) -> step_lib.MultiStepBatch:
+    """MultiStepBatch of a decode-only step: sequence i is token row i and sample row i."""
+    n = len(so.seqs)
+    row_steps = np.zeros(t_cap, np.int32)
+    row_steps[:n] = [s.num_steps for s in so.seqs]
+    tables = np.zeros((t_cap, self.max_blocks_per_seq), np.int32)
+    for i, s in enumerate(so.seqs):
+      tables[i, :len(s.block_table)] = s.block_table
+    feed = np.full(r_cap, t_cap, np.int32)
+    feed[:n] = np.arange(n)
+    return step_lib.MultiStepBatch(np.asarray(so.num_steps, np.int32), row_steps, tables, feed)
 
   def _row_bucket(self, num_rows: int, t_cap: int, prefill: bool) -> int:
     """Sample-row bucket. Decode-only steps: the next power of two of the rows (the
@@ -379,7 +405,7 @@ class ModelRunner:
     bucket 8..pow2(budget), prefill-only and mixed steps with the usual tile count
     t_cap / TILE_SIZE and twice it (chunks of several prompts in one step). A step with
     even more tiles or rows (many short prompts at once) is rare and compiles when it
-    comes."""
+    comes. With num_scheduler_steps > 1, the multi-step decode of each row bucket too."""
     keys = []
     t_max = next_power_of_two(max_num_batched_tokens, _MIN_TOKEN_BUCKET)
     r = 1
@@ -387,6 +413,8 @@ class ModelRunner:
       t_cap = next_power_of_two(r, _MIN_TOKEN_BUCKET)
       if t_cap <= t_max:
         keys.append((t_cap, r, r, 0))
+        if self.num_scheduler_steps > 1:
+          keys.append((t_cap, r, r, 0, "steps", self.num_scheduler_steps))
       r *= 2
     t_cap = _MIN_TOKEN_BUCKET
     while t_cap <= t_max:
@@ -408,7 +436,7 @@ class ModelRunner:
     for key in self.serving_program_keys(max_num_batched_tokens):
       if key in self.programs:
         continue
-      t_cap, r_cap, sd, np_ = key
+      t_cap, r_cap, sd, np_ = key[:4]
       meta = AttentionMetadata(
           decode_token_index=np.full(sd, t_cap, np.int32),
           decode_block_tables=np.zeros((sd, p), np.int32),
@@ -423,7 +451,12 @@ class ModelRunner:
       samp = step_lib.SamplingBatch(r0, np.zeros((r_cap, 2), np.uint32), r0, r0,
                                     np.zeros(r_cap, np.float32), r0, np.ones(r_cap, np.float32),
                                     np.full((r_cap, MAX_BANNED), -1, np.int32))
-      self._run(batch, samp, key)
+      ms = None
+      if len(key) > 4:  # multi-step: no inner step runs (the program compiles all the same)
+        ms = step_lib.MultiStepBatch(np.asarray(0, np.int32), np.zeros(t_cap, np.int32),
+                                     np.zeros((t_cap, p), np.int32),
+                                     np.full(r_cap, t_cap, np.int32))
+      self._run(batch, samp, key, ms)
     return len(self.programs) - before
 
   # ---------------------------------------------------------------- checks
@@ -443,7 +476,12 @@ class ModelRunner:
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           self._params)
     kv = self.abstract_kv(num_blocks)
-    for key, (batch, samp) in self.programs.items():
-      lowered = step_lib.step.lower(params, kv, batch, samp, graphdef=self._static_graph,
-                                    impl=self.impl, vocab_size=self.vocab_size, mesh=self.mesh)
+    common = dict(graphdef=self._static_graph, impl=self.impl, vocab_size=self.vocab_size,
+                  mesh=self.mesh)
+    for key, args in self.programs.items():
+      if len(args) == 2:
+        lowered = step_lib.step.lower(params, kv, *args, **common)
+      else:
+        lowered = step_lib.multi_step.lower(params, kv, *args,
+                                            max_steps=self.num_scheduler_steps, **common)
       yield key, lowered.compile()

@@ -13,7 +13,9 @@ import functools
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from pagedjax.runner import sampler
@@ -102,29 +104,31 @@ class SamplingBatch:
   banned_ids: jax.Array  # [R, K]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "vocab_size", "mesh"),
-                   donate_argnames=("kv",))
-def step(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl, vocab_size,
-         mesh=None):
-  """One engine step.
+@flax.struct.dataclass
+class MultiStepBatch:
+  """What a multi-step decode (`multi_step`) needs beyond its first step's StepBatch.
 
-  Args:
-    params: the model's nnx state (split from graphdef).
-    kv: the paged KVCache (donated).
-    batch: the packed tokens (StepBatch).
-    samp: the sample rows (SamplingBatch).
-    graphdef: the model's graph definition, interned (`static_graph`).
-    impl: attention implementation.
-    vocab_size: the tokenizer's vocabulary (ids beyond it are never drawn).
-    mesh: None (one device), or the tensor-parallel mesh (pagedjax.runner.sharding):
-      params and pages are sharded by heads, the forward runs per device under
-      `shard_map` with one all-reduce per attention and MLP block, and sampling runs on
-      the replicated logits.
+  Inner step j feeds the token drawn at step j - 1 (the StepBatch's tokens at j = 0) at
+  position `positions + j` of every token row with j < row_steps; other rows write
+  nothing and attend to nothing.
 
-  Returns:
-    (new KVCache, (tokens [R], logprobs [R], ranks [R], top_ids [R, N], top_logprobs [R, N])).
+  Attributes:
+    num_steps: i32[] inner steps to run (the largest row_steps; at most the static
+      `max_steps` of the program).
+    row_steps: i32[T] inner steps of each token row (0: padding).
+    row_tables: i32[T, P] each token row's block table, covering its last inner step.
+    feed_index: i32[R] token row that sample row r feeds at the next inner step (T: none).
   """
-  TRACES["step"] += 1  # runs once per trace, i.e. per compiled program
+
+  num_steps: jax.Array  # []
+  row_steps: jax.Array  # [T]
+  row_tables: jax.Array  # [T, P]
+  feed_index: jax.Array  # [R]
+
+
+def _forward_and_sample(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl,
+                        vocab_size, mesh):
+  """One packed forward (under shard_map on a mesh) and the sampling of its rows."""
 
   def forward(params, kv, batch):
     model = nnx.merge(graphdef.graphdef, params)
@@ -149,3 +153,98 @@ def step(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl, v
                        top_p=samp.top_p, keys=keys, banned_ids=samp.banned_ids,
                        vocab_size=vocab_size, num_top_logprobs=NUM_TOP_LOGPROBS)
   return kv, out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "vocab_size", "mesh"),
+                   donate_argnames=("kv",))
+def step(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl, vocab_size,
+         mesh=None):
+  """One engine step.
+
+  Args:
+    params: the model's nnx state (split from graphdef).
+    kv: the paged KVCache (donated).
+    batch: the packed tokens (StepBatch).
+    samp: the sample rows (SamplingBatch).
+    graphdef: the model's graph definition, interned (`static_graph`).
+    impl: attention implementation.
+    vocab_size: the tokenizer's vocabulary (ids beyond it are never drawn).
+    mesh: None (one device), or the tensor-parallel mesh (pagedjax.runner.sharding):
+      params and pages are sharded by heads, the forward runs per device under
+      `shard_map` with one all-reduce per attention and MLP block, and sampling runs on
+      the replicated logits.
+
+  Returns:
+    (new KVCache, (tokens [R], logprobs [R], ranks [R], top_ids [R, N], top_logprobs [R, N])).
+  """
+  TRACES["step"] += 1  # runs once per trace, i.e. per compiled program
+  return _forward_and_sample(params, kv, batch, samp, graphdef=graphdef, impl=impl,
+                             vocab_size=vocab_size, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "vocab_size", "mesh",
+                                             "max_steps"),
+                   donate_argnames=("kv",))
+def multi_step(params, kv, batch: StepBatch, samp: SamplingBatch, ms: MultiStepBatch, *,
+               graphdef, impl, vocab_size, max_steps: int, mesh=None):
+  """Several decode steps in one program (vLLM's multi-step scheduling).
+
+  Inner step j is exactly the one-token decode `step` would run with the tokens drawn
+  at step j - 1 fed back: same positions, slots, attention metadata and per-position
+  PRNG keys, so the tokens are those of `ms.num_steps` single steps. The host stops
+  each sequence where a stop rule ends it and discards what was drawn after.
+
+  Args:
+    params, kv, graphdef, impl, vocab_size, mesh: as `step` (kv donated).
+    batch: the first inner step's StepBatch (decode rows only).
+    samp: its SamplingBatch (out_positions of the first step).
+    ms: MultiStepBatch.
+    max_steps: the program's most inner steps (static; the result's leading axis).
+
+  Returns:
+    (new KVCache, step outputs as `step`'s, each with a leading [max_steps] axis; rows
+    past ms.num_steps are zeros).
+  """
+  TRACES["step"] += 1
+  t = batch.token_ids.shape[0]
+  rows = jnp.arange(t)
+  block_size = kv.k_pages.shape[-2]
+  p = ms.row_tables.shape[1]
+
+  def body(j, carry):
+    kv, tokens, outs = carry
+    active = j < ms.row_steps  # [T]
+    pos = batch.positions + j
+    page = ms.row_tables[rows, jnp.minimum(pos // block_size, p - 1)]
+    slots = jnp.where(active, page * block_size + pos % block_size, -1)
+    b = batch.replace(token_ids=tokens, positions=pos, slot_mapping=slots,
+                      attn=advance_metadata(batch.attn, j, active))
+    s = samp.replace(out_positions=samp.out_positions + j)
+    kv, out = _forward_and_sample(params, kv, b, s, graphdef=graphdef, impl=impl,
+                                  vocab_size=vocab_size, mesh=mesh)
+    tokens = tokens.at[ms.feed_index].set(out[0], mode="drop")
+    outs = jax.tree.map(lambda acc, x: lax.dynamic_update_index_in_dim(acc, x, j, 0), outs, out)
+    return kv, tokens, outs
+
+  shapes = jax.eval_shape(
+      lambda: _forward_and_sample(params, kv, batch, samp, graphdef=graphdef, impl=impl,
+                                  vocab_size=vocab_size, mesh=mesh)[1])
+  outs = jax.tree.map(lambda x: jnp.zeros((max_steps, *x.shape), x.dtype), shapes)
+  num = jnp.minimum(ms.num_steps, max_steps)
+  kv, _, outs = lax.fori_loop(0, num, body, (kv, batch.token_ids, outs))
+  return kv, outs
+
+
+def advance_metadata(meta: AttentionMetadata, j, active) -> AttentionMetadata:
+  """Attention metadata of inner step j of a decode-only batch: every active token row
+  (active bool[T]) one position further on; inactive rows attend to nothing."""
+  if meta.decode_positions is not None:  # xla: decode rows (no prefill tiles here)
+    t = active.shape[0]
+    live = active[jnp.minimum(meta.decode_token_index, t - 1)] & (meta.decode_token_index < t)
+    live &= meta.decode_positions >= 0
+    return meta.replace(decode_positions=jnp.where(live, meta.decode_positions + j, -1))
+  # Pallas: sequence i is token row cu_q_lens[i]; kv_lens counts this step's token.
+  t = active.shape[0]
+  n = meta.kv_lens.shape[0]
+  live = active[jnp.minimum(meta.cu_q_lens[:n], t - 1)] & (jnp.arange(n) < meta.num_seqs[0])
+  return meta.replace(kv_lens=jnp.where(live, meta.kv_lens + j, 0))
