@@ -62,6 +62,7 @@ from pagedjax.runner.attention import ragged_paged_attention
 GOAL_RATIO = 3.0
 GOAL_ROOFLINE = 0.5
 BLOCK_SIZE = 16
+MULTI_STEPS = 8  # num_scheduler_steps of the multi-step runs
 
 
 def machine_info() -> dict:
@@ -102,13 +103,14 @@ def model_flops(cfg) -> dict:
 # ------------------------------------------------------------------------- serving
 
 
-def _engine(num_blocks: int, max_num_seqs: int) -> LLM:
+def _engine(num_blocks: int, max_num_seqs: int, num_scheduler_steps: int = 1) -> LLM:
   return LLM(
     num_blocks=num_blocks,
     block_size=BLOCK_SIZE,
     max_num_seqs=max_num_seqs,
     preemption_mode="recompute",
     attention_impl="xla",
+    num_scheduler_steps=num_scheduler_steps,
   )
 
 
@@ -230,9 +232,13 @@ def _live_decode_rows(batch) -> np.ndarray:
   return pos[pos >= 0]
 
 
-def _decode_flops(batch, fl: dict) -> float:
+def _decode_flops(batch, fl: dict, num_steps: int = 1) -> float:
+  """Model FLOPs of `num_steps` decode steps from the captured batch (the first step's
+  contexts; each later step attends one position further)."""
   ctx = _live_decode_rows(batch) + 1  # attended positions, the new token included
-  return float(len(ctx) * fl["flops_per_token"] + fl["attention_flops_per_position"] * ctx.sum())
+  steps = np.arange(num_steps)
+  return float(num_steps * len(ctx) * fl["flops_per_token"]
+               + fl["attention_flops_per_position"] * (ctx[:, None] + steps[None]).sum())
 
 
 def _component_times(llm: LLM, batch, samp, reps: int) -> dict:
@@ -330,32 +336,43 @@ def prefill_rate(cfg, *, tokens: int, reps: int) -> dict:
 
 def steady_decode(
   cfg, *, batch: int, decode_steps: int, seed: int, reps: int, warmup: bool,
-  components: bool = True,
+  components: bool = True, num_scheduler_steps: int = 1,
 ) -> dict:
-  """Model FLOP/s of full-batch decode steps, with a per-step time split and a device split."""
+  """Model FLOP/s of full-batch decode steps, with a per-step time split and a device split.
+
+  With num_scheduler_steps = N > 1 an engine step runs N decode steps (multi-step): its
+  times are per decode step (engine step / N), its split per engine step."""
   fl = model_flops(cfg)
   trace = make_trace("sharegpt-like", batch, max_seq_len=cfg.max_seq_len - decode_steps, seed=seed)
   params = SamplingParams(max_tokens=decode_steps, temperature=0.0, ignore_eos=True)
   num_blocks = batch * -(-cfg.max_seq_len // BLOCK_SIZE)  # everyone fits: no preemption
+  engine = lambda: _engine(num_blocks, batch, num_scheduler_steps)  # noqa: E731
   if warmup:
-    _engine(num_blocks, batch).generate(trace.prompts, params)  # compile
-  result = {"batch": batch, "decode_steps": decode_steps, "num_blocks": num_blocks}
-  captured: dict = {}  # the batch and sampling arrays of the latest step
+    engine().generate(trace.prompts, params)  # compile
+  result = {"batch": batch, "decode_steps": decode_steps, "num_blocks": num_blocks,
+            "num_scheduler_steps": num_scheduler_steps}
+  captured: dict = {}  # the batch and sampling arrays of the latest step, and its steps
 
   for phase in ("plain", "split"):
-    llm = _engine(num_blocks, batch)
+    llm = engine()
     for p in trace.prompts:
       llm.add_request(None, p, params)
     acc: dict = {}
-    original_prepare = llm.runner.prepare
+    original_prepare, original_execute = llm.runner.prepare, llm.runner.execute
 
     def capture(so, _orig=original_prepare):
       out = _orig(so)
       captured["batch"], captured["samp"] = out[0], out[1]
       return out
 
-    llm.runner.prepare = capture
-    targets = [(step_lib, "step", phase == "split")]
+    def execute(so, _orig=original_execute):
+      # Steady: every row runs the step's every inner step (none ends inside it).
+      captured["steps"] = so.num_steps if all(s.num_steps == so.num_steps
+                                              for s in so.seqs) else 0
+      return _orig(so)
+
+    llm.runner.prepare, llm.runner.execute = capture, execute
+    targets = [(step_lib, "step", phase == "split"), (step_lib, "multi_step", phase == "split")]
     if phase == "split":
       targets += [(llm.scheduler, "schedule", False), (llm.runner, "prepare", False)]
     times, flops, contexts, splits = [], [], [], []
@@ -365,14 +382,15 @@ def steady_decode(
         start = time.perf_counter()
         llm.step()
         dt = time.perf_counter() - start
-        b = captured["batch"]
+        b, k = captured["batch"], captured["steps"]
         # Steady state: decode-only steps with every row of the batch live.
-        if b.attn.tile_token_index.shape[0] == 0 and len(_live_decode_rows(b)) == batch:
-          times.append(dt)
-          flops.append(_decode_flops(b, fl))
+        if (k == num_scheduler_steps and b.attn.tile_token_index.shape[0] == 0
+            and len(_live_decode_rows(b)) == batch):
+          times.append(dt / k)
+          flops.append(_decode_flops(b, fl, k) / k)
           contexts.append(float((_live_decode_rows(b) + 1).mean()))
           splits.append(dict(acc, total=dt))
-    llm.runner.prepare = original_prepare
+    llm.runner.prepare, llm.runner.execute = original_prepare, original_execute
     if phase == "plain":
       times = np.asarray(times)
       result.update(
@@ -384,13 +402,14 @@ def steady_decode(
         model_gflops=float(np.median(np.asarray(flops) / times) / 1e9),
       )
       continue
-    med = {k: float(np.median([s[k] for s in splits])) for k in splits[0]}
-    result["step_split_s"] = {
+    med = {k: float(np.median([s.get(k, 0.0) for s in splits]))
+           for k in ("schedule", "prepare", "step", "multi_step", "total")}
+    device = med["step"] + med["multi_step"]
+    result["step_split_s"] = {  # per engine step (num_scheduler_steps decode steps)
       "scheduler": med["schedule"],
       "prepare_batch": med["prepare"],
-      "device_step_synced": med["step"],
-      "device_get_and_bookkeeping": med["total"] - med["schedule"] - med["prepare"]
-      - med["step"],
+      "device_step_synced": device,
+      "device_get_and_bookkeeping": med["total"] - med["schedule"] - med["prepare"] - device,
       "total": med["total"],
     }
     if components:
@@ -574,13 +593,33 @@ def main(argv=None) -> dict:
     str(b): 1.0 - d["step_split_s"]["device_step_synced"] / d["step_split_s"]["total"]
     for b, d in ((steady["batch"], steady), (1, steady1))}
   steady["batch1_step_split_s"] = steady1["step_split_s"]
+  # The same at num_scheduler_steps = N (multi-step decoding): per decode step.
+  n_steps = 2 if q else MULTI_STEPS
+  multi = {}
+  for b in (steady["batch"], 1):
+    m = steady_decode(cfg, batch=b, decode_steps=6 if q else 64, seed=args.seed + 1,
+                      reps=3 if q else 20, warmup=not q, components=False,
+                      num_scheduler_steps=n_steps)
+    rate = at_shape if b == steady["batch"] else common.matmul_rate(3 if q else 30,
+                                                                    (b, cfg.dim, cfg.hidden_dim))
+    m["matmul_rate_at_step_shape"] = rate
+    m["fraction_of_matmul_rate_at_step_shape"] = m["model_gflops"] / rate["gflops"]
+    m["host_share"] = 1.0 - m["step_split_s"]["device_step_synced"] / m["step_split_s"]["total"]
+    multi[str(b)] = m
+  steady["multi_step"] = multi
+  e2e_kwargs = dict(num_blocks=kv_blocks, block_size=BLOCK_SIZE,
+                    max_num_seqs=max_num_seqs) if q else {}
   e2e = end_to_end(cfg, num_requests=2 if q else 64, scale=0.05 if q else 0.5, seed=args.seed + 2,
-                   warmup=not q, engine_kwargs=dict(num_blocks=kv_blocks, block_size=BLOCK_SIZE,
-                                                    max_num_seqs=max_num_seqs) if q else None)
-  for shape, rate in (("64x256x704", at_shape if steady["batch"] == 64 else None),
-                      ("256x256x704", None)):
-    rate = rate or common.matmul_rate(3 if q else 30, tuple(int(x) for x in shape.split("x")))
-    e2e[f"fraction_of_matmul_rate_{shape}"] = e2e["model_gflops"] / rate["gflops"]
+                   warmup=not q, engine_kwargs=e2e_kwargs or None)
+  e2e_multi = end_to_end(cfg, num_requests=2 if q else 64, scale=0.05 if q else 0.5,
+                         seed=args.seed + 2, warmup=not q,
+                         engine_kwargs={**e2e_kwargs, "num_scheduler_steps": n_steps})
+  for run in (e2e, e2e_multi):
+    for shape, rate in (("64x256x704", at_shape if steady["batch"] == 64 else None),
+                        ("256x256x704", None)):
+      rate = rate or common.matmul_rate(3 if q else 30, tuple(int(x) for x in shape.split("x")))
+      run[f"fraction_of_matmul_rate_{shape}"] = run["model_gflops"] / rate["gflops"]
+  e2e["multi_step"] = e2e_multi
   prefill = prefill_rate(cfg, tokens=64 if q else 256, reps=2 if q else 10)
   prefill_shape = common.matmul_rate(3 if q else 30, (prefill["tokens"], cfg.dim, cfg.hidden_dim))
   prefill["matmul_rate_at_step_shape"] = prefill_shape
@@ -644,8 +683,18 @@ def main(argv=None) -> dict:
     f"{e2e['fraction_of_matmul_rate_64x256x704']:.1%} of the 64x256x704 rate, "
     f"{e2e['fraction_of_matmul_rate_256x256x704']:.1%} of the 256x256x704 rate (goal 40%)"
   )
+  e2m = e2e["multi_step"]
+  print(
+    f"  with num_scheduler_steps={e2m['engine_kwargs']['num_scheduler_steps']}: "
+    f"{e2m['wall_s']:.2f} s, {e2m['output_tokens_per_s']:.0f} out tok/s = "
+    f"{e2m['fraction_of_matmul_rate_64x256x704']:.1%} of the 64x256x704 rate")
   print("host share of a decode step: " + ", ".join(
     f"batch {b}: {v:.1%}" for b, v in steady["host_share_by_batch"].items()) + " (goal <= 10%)")
+  for b, m in steady["multi_step"].items():
+    print(f"  num_scheduler_steps={m['num_scheduler_steps']}, batch {b}: "
+          f"{m['median_step_s'] * 1e3:.2f} ms per decode step, host share {m['host_share']:.1%}, "
+          f"{m['fraction_of_matmul_rate_at_step_shape']:.1%} of the matmul rate at "
+          f"{m['matmul_rate_at_step_shape']['shape']}")
   print(
     _table(
       [(k, f"{v * 1e3:.2f}", f"{v / split['total']:.0%}") for k, v in split.items()],

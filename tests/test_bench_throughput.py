@@ -98,5 +98,13 @@ def test_quick_run_writes_sane_json_only_under_tmp(tmp_path, monkeypatch):
   e2e = doc["end_to_end"]
   assert e2e["num_requests"] == 2 and e2e["model_gflops"] > 0 and e2e["wall_s"] > 0
   assert 0 < e2e["fraction_of_matmul_rate_64x256x704"] and e2e["num_steps"] >= e2e["mean_output"]
+  # multi-step decoding (num_scheduler_steps 2 in a quick run): per decode step
+  assert set(steady["multi_step"]) == {"4", "1"}
+  for m in steady["multi_step"].values():
+    assert m["num_scheduler_steps"] == 2 and m["num_full_decode_steps"] >= 1
+    assert m["model_gflops"] > 0 and 0 < m["host_share"] < 1
+  e2m = e2e["multi_step"]
+  assert e2m["engine_kwargs"]["num_scheduler_steps"] == 2
+  assert e2m["num_steps"] < e2e["num_steps"] and e2m["fraction_of_matmul_rate_64x256x704"] > 0
   assert doc["matmul_rate"]["256x256x704"]["gflops"] > 0
   assert doc["notes"]
