@@ -466,9 +466,10 @@ def _table(rows: list[tuple], header: tuple) -> str:
 
 
 def _figure(systems: dict, ratios: dict, steady: dict, path: pathlib.Path) -> None:
-  """(a) output tokens/s per system with the engine's ratio; (b) the steady-decode split, ms."""
+  """(a) output tokens/s per system with the engine's ratio; (b) the steady-decode split, ms;
+  (c) ms per decode step, device and host, single steps vs multi-step, at batch 64 and 1."""
   plt = common.pyplot()
-  fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(13, 4.4), width_ratios=(1, 1.6))
+  fig, (ax_t, ax_s, *ax_m) = plt.subplots(1, 4, figsize=(19, 4.4), width_ratios=(1, 1.6, .5, .5))
   names = list(systems)
   rates = [systems[n]["output_tokens_per_s"] for n in names]
   colors = ["tab:green" if n == "engine" else "tab:gray" for n in names]
@@ -505,6 +506,29 @@ def _figure(systems: dict, ratios: dict, steady: dict, path: pathlib.Path) -> No
   )
   ax_s.grid(axis="x", alpha=0.3)
   ax_s.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=5)
+
+  # (c) per decode step: device (synchronised) and the rest of the engine step (host).
+  for ax, (b, single) in zip(ax_m, ((str(steady["batch"]), steady["step_split_s"]),
+                                    ("1", steady["batch1_step_split_s"]))):
+    m = steady["multi_step"][b]
+    n = m["num_scheduler_steps"]
+    bars = []
+    for label, split, per in (("1", single, 1), (str(n), m["step_split_s"], n)):
+      dev = split["device_step_synced"] / per * 1e3
+      bars.append((label, dev, split["total"] / per * 1e3 - dev))
+    x = range(len(bars))
+    ax.bar(x, [d for _, d, _ in bars], color="tab:blue", label="device (synchronised)")
+    ax.bar(x, [h for _, _, h in bars], bottom=[d for _, d, _ in bars], color="tab:orange",
+           label="host: scheduling,\nbatch, outputs")
+    for i, (_, d, h) in enumerate(bars):
+      ax.text(i, d + h, f"{d + h:.2f} ms\nhost {h / (d + h):.0%}", ha="center", va="bottom",
+              fontsize=7)
+    ax.set_xticks(list(x), [name for name, _, _ in bars], fontsize=8)
+    ax.set_xlabel("num_scheduler_steps", fontsize=8)
+    ax.set_ylim(0, max(d + h for _, d, h in bars) * 1.3)
+    ax.set_title(f"batch {b}: ms per decode step", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+  ax_m[0].legend(fontsize=7, loc="lower left")
   common.save_figure(fig, path)
 
 

@@ -120,6 +120,7 @@ def test_scenarios_exercise_preemption_caching_and_forks(results):
     assert all(s["num_preemptions"] > 0 for s in stats), name
     assert all(s["prefix_cache_hits"] > 0 for s in stats), name
   assert all(r["stats"]["num_blocks_swapped_out"] > 0 for r in results["swap"].values())
+  assert all(r["stats"]["num_multi_steps"] > 0 for r in results["multistep"].values())
   assert all(len(r["outputs"][-1]) == 2 and len(r["outputs"][-2]) == 2
              for r in results["recompute"].values())  # beams and n = 2 kept both
 

@@ -61,6 +61,7 @@ def _run(llm, prompts, params) -> dict:
                 for o in outs],
     "stats": {k: stats[k] for k in (
       "num_preemptions", "num_blocks_swapped_out", "prefix_cache_hits", "num_compilations",
+      "num_multi_steps",
       "tensor_parallel_size", "bytes_per_block", "bytes_per_block_per_device",
       "kv_cache_bytes_per_device")},
     "kv_shards": [list(s.data.shape) for s in runner.kv.k_pages.addressable_shards],
@@ -154,10 +155,12 @@ def main(argv=None) -> int:
   # A quantized pool: its scales are sharded like its pages.
   result["int8"] = {str(tp): _run(_engine(tp, kv_cache_dtype="int8"), prompts[:3], params[:3])
                     for tp in few(4)}
-  # Multi-step decoding: the pool is carried through the loop of decode steps per device.
-  result["multistep"] = {str(tp): _run(_engine(tp, num_scheduler_steps=4), prompts[:3],
-                                       params[:3])
-                         for tp in few(2)}
+  # Multi-step decoding: the pool carried through the loop of decode steps on every
+  # device (quick: k = 2 alone, against recompute's one device; no beams, which keep
+  # single steps).
+  result["multistep"] = {str(tp): _run(_engine(tp, num_scheduler_steps=4), prompts[:6],
+                                       params[:6])
+                         for tp in ([2] if args.quick else sizes)}
   if args.pallas:
     result["pallas"] = {
       str(tp): _run(_engine(tp, attention_impl="pallas_interpret", max_num_seqs=2),
