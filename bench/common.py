@@ -95,6 +95,52 @@ def matmul_rate(reps: int, shape: tuple[int, int, int] = (256, 256, 704)) -> dic
   return {"shape": f"{m}x{k}x{n}", "median_s": t, "gflops": 2 * m * k * n / t / 1e9}
 
 
+class MatmulYardstick:
+  """The matmul rate at one shape, measured next to each engine measurement.
+
+  On this shared machine the rate of the same jitted product moves 2x between moments of
+  one run, so a ratio of an engine time to a rate measured minutes apart mostly measures
+  the machine. `sample()` times the product right after each engine step (min of `reps`
+  calls, ~1 ms), and `ratios` pairs each engine rate with the rate measured beside it.
+  """
+
+  def __init__(self, shape: tuple[int, int, int], reps: int = 3):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    m, k, n = shape
+    self.shape, self.flops, self.reps = f"{m}x{k}x{n}", 2 * m * k * n, reps
+    self._a = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), jnp.float32)
+    self._b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.float32)
+    self._fn = jax.jit(jnp.matmul)
+    jax.block_until_ready(self._fn(self._a, self._b))
+    self.gflops: list[float] = []
+
+  def sample(self) -> float:
+    """Times the product now; returns (and records) its GFLOP/s."""
+    import time
+
+    import jax
+
+    best = float("inf")
+    for _ in range(self.reps):
+      start = time.perf_counter()
+      jax.block_until_ready(self._fn(self._a, self._b))
+      best = min(best, time.perf_counter() - start)
+    self.gflops.append(self.flops / best / 1e9)
+    return self.gflops[-1]
+
+  def summary(self, engine_gflops) -> dict:
+    """The engine's per-measurement GFLOP/s over the yardstick's beside each (median)."""
+    import numpy as np
+
+    ratios = np.asarray(engine_gflops) / np.asarray(self.gflops[-len(engine_gflops):])
+    return {"shape": self.shape, "gflops_median": float(np.median(self.gflops)),
+            "gflops_min_max": [float(min(self.gflops)), float(max(self.gflops))],
+            "samples": len(self.gflops), "fraction_median": float(np.median(ratios))}
+
+
 def serve_trace(llm, trace) -> dict:
   """Serves every request of `trace` at once (greedy, its output lengths, ignore_eos)
   through `llm`'s streaming API; returns wall time, output tok/s, the peak number of

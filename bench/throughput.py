@@ -23,6 +23,10 @@ length (query included); padded rows and masked attention are not counted. The s
 then split with `time.perf_counter` into host scheduling, host plan building, the device
 step (synchronised) and the rest (device_get + token bookkeeping), and the device step's
 parts (matmuls, paged attention, KV write, sampling) are timed alone at the same shapes.
+Each rate is divided by the matmul rate at the step's own shape timed right beside that
+step (`common.MatmulYardstick`: the machine is shared and its rate moves between moments).
+Steady decode and the issue's 64-request trace are also measured at
+num_scheduler_steps = 8 (multi-step decoding: per decode step).
 The figure shows (a) output tokens/s per system, the engine / baseline ratio over each
 baseline's bar, and (b) the steady-decode step split in ms: host view (stacked) and the
 device parts timed alone (stacked, next to the full device step).
@@ -325,13 +329,22 @@ def prefill_rate(cfg, *, tokens: int, reps: int) -> dict:
     llm.step()
     return time.perf_counter() - start
 
-  one()  # compile
-  t = float(np.median([one() for _ in range(reps)]))
   # Causal attention: position i attends to i + 1 keys.
   flops = tokens * fl["flops_per_token"] + fl["attention_flops_per_position"] * tokens * (
       tokens + 1) / 2
+  one()  # compile
+  yard = common.MatmulYardstick((tokens, cfg.dim, cfg.hidden_dim))
+  times = []
+  for _ in range(reps):
+    times.append(one())
+    yard.sample()  # the matmul rate beside each step
+  t = float(np.median(times))
+  stick = yard.summary(flops / np.asarray(times) / 1e9)
   return {"tokens": tokens, "step_s": t, "tokens_per_s": tokens / t,
-          "model_gflops": flops / t / 1e9}
+          "model_gflops": flops / t / 1e9,
+          "matmul_rate_at_step_shape": {"shape": stick["shape"], "gflops": stick["gflops_median"],
+                                        "gflops_min_max": stick["gflops_min_max"]},
+          "fraction_of_matmul_rate_at_step_shape": stick["fraction_median"]}
 
 
 def steady_decode(
@@ -351,6 +364,7 @@ def steady_decode(
     engine().generate(trace.prompts, params)  # compile
   result = {"batch": batch, "decode_steps": decode_steps, "num_blocks": num_blocks,
             "num_scheduler_steps": num_scheduler_steps}
+  yard = common.MatmulYardstick((batch, cfg.dim, cfg.hidden_dim))
   captured: dict = {}  # the batch and sampling arrays of the latest step, and its steps
 
   for phase in ("plain", "split"):
@@ -390,6 +404,8 @@ def steady_decode(
           flops.append(_decode_flops(b, fl, k) / k)
           contexts.append(float((_live_decode_rows(b) + 1).mean()))
           splits.append(dict(acc, total=dt))
+          if phase == "plain":
+            yard.sample()  # the matmul rate at the step's shape, beside the step
     llm.runner.prepare, llm.runner.execute = original_prepare, original_execute
     if phase == "plain":
       times = np.asarray(times)
@@ -401,6 +417,11 @@ def steady_decode(
         # Median of per-step rates: robust to a step that compiled or was preempted by load.
         model_gflops=float(np.median(np.asarray(flops) / times) / 1e9),
       )
+      stick = yard.summary(np.asarray(flops) / times / 1e9)
+      result["matmul_rate_at_step_shape"] = {"shape": stick["shape"],
+                                             "gflops": stick["gflops_median"],
+                                             "gflops_min_max": stick["gflops_min_max"]}
+      result["fraction_of_matmul_rate_at_step_shape"] = stick["fraction_median"]
       continue
     med = {k: float(np.median([s.get(k, 0.0) for s in splits]))
            for k in ("schedule", "prepare", "step", "multi_step", "total")}
@@ -605,11 +626,9 @@ def main(argv=None) -> dict:
     warmup=not q,
   )
   steady["fraction_of_matmul_rate"] = steady["model_gflops"] / roof
-  # The same ratio against the matmul rate at the step's own shape ([batch x dim] x
-  # [dim x hidden]: small row counts run far below the large-matrix rate on a CPU).
-  at_shape = common.matmul_rate(3 if q else 30, (steady["batch"], cfg.dim, cfg.hidden_dim))
-  steady["matmul_rate_at_step_shape"] = at_shape
-  steady["fraction_of_matmul_rate_at_step_shape"] = steady["model_gflops"] / at_shape["gflops"]
+  # steady_decode's main ratio is against the matmul rate at the step's own shape ([batch x
+  # dim] x [dim x hidden]: small row counts run far below the large-matrix rate on a CPU),
+  # measured beside every step.
   # Host share of a decode step at one sequence too (the issue asks for 1 and 64).
   steady1 = steady_decode(cfg, batch=1, decode_steps=6 if q else 64, seed=args.seed + 1,
                           reps=3 if q else 20, warmup=not q, components=False)
@@ -624,30 +643,33 @@ def main(argv=None) -> dict:
     m = steady_decode(cfg, batch=b, decode_steps=6 if q else 64, seed=args.seed + 1,
                       reps=3 if q else 20, warmup=not q, components=False,
                       num_scheduler_steps=n_steps)
-    rate = at_shape if b == steady["batch"] else common.matmul_rate(3 if q else 30,
-                                                                    (b, cfg.dim, cfg.hidden_dim))
-    m["matmul_rate_at_step_shape"] = rate
-    m["fraction_of_matmul_rate_at_step_shape"] = m["model_gflops"] / rate["gflops"]
     m["host_share"] = 1.0 - m["step_split_s"]["device_step_synced"] / m["step_split_s"]["total"]
     multi[str(b)] = m
   steady["multi_step"] = multi
   e2e_kwargs = dict(num_blocks=kv_blocks, block_size=BLOCK_SIZE,
                     max_num_seqs=max_num_seqs) if q else {}
-  e2e = end_to_end(cfg, num_requests=2 if q else 64, scale=0.05 if q else 0.5, seed=args.seed + 2,
-                   warmup=not q, engine_kwargs=e2e_kwargs or None)
-  e2e_multi = end_to_end(cfg, num_requests=2 if q else 64, scale=0.05 if q else 0.5,
-                         seed=args.seed + 2, warmup=not q,
-                         engine_kwargs={**e2e_kwargs, "num_scheduler_steps": n_steps})
-  for run in (e2e, e2e_multi):
-    for shape, rate in (("64x256x704", at_shape if steady["batch"] == 64 else None),
-                        ("256x256x704", None)):
-      rate = rate or common.matmul_rate(3 if q else 30, tuple(int(x) for x in shape.split("x")))
-      run[f"fraction_of_matmul_rate_{shape}"] = run["model_gflops"] / rate["gflops"]
-  e2e["multi_step"] = e2e_multi
+  # The trace's yardsticks: sampled 5 times right before and 5 times right after each run.
+  yards = {shape: common.MatmulYardstick(shape) for shape in ((64, cfg.dim, cfg.hidden_dim),
+                                                              (256, cfg.dim, cfg.hidden_dim))}
+
+  def trace_run(**kw):
+    for _ in range(5):
+      for y in yards.values():
+        y.sample()
+    run = end_to_end(cfg, num_requests=2 if q else 64, scale=0.05 if q else 0.5,
+                     seed=args.seed + 2, warmup=not q, **kw)
+    for _ in range(5):
+      for y in yards.values():
+        y.sample()
+    for y in yards.values():
+      rate = float(np.median(y.gflops[-10:]))
+      run[f"matmul_rate_{y.shape}"] = rate
+      run[f"fraction_of_matmul_rate_{y.shape}"] = run["model_gflops"] / rate
+    return run
+
+  e2e = trace_run(engine_kwargs=e2e_kwargs or None)
+  e2e["multi_step"] = trace_run(engine_kwargs={**e2e_kwargs, "num_scheduler_steps": n_steps})
   prefill = prefill_rate(cfg, tokens=64 if q else 256, reps=2 if q else 10)
-  prefill_shape = common.matmul_rate(3 if q else 30, (prefill["tokens"], cfg.dim, cfg.hidden_dim))
-  prefill["matmul_rate_at_step_shape"] = prefill_shape
-  prefill["fraction_of_matmul_rate_at_step_shape"] = prefill["model_gflops"] / prefill_shape["gflops"]
   info["load_average_end"] = list(os.getloadavg())
 
   print()
@@ -689,15 +711,18 @@ def main(argv=None) -> dict:
     f"{steady['model_gflops']:.1f} GFLOP/s = {steady['fraction_of_matmul_rate']:.1%} of the "
     f"measured {roof:.1f} GFLOP/s [256x256]x[256x704] matmul rate, "
     f"{steady['fraction_of_matmul_rate_at_step_shape']:.1%} of the "
-    f"{steady['matmul_rate_at_step_shape']['gflops']:.1f} GFLOP/s at the step's shape "
-    f"{steady['matmul_rate_at_step_shape']['shape']} (goal {GOAL_ROOFLINE:.0%})"
+    f"{steady['matmul_rate_at_step_shape']['gflops']:.1f} GFLOP/s (median) at the step's shape "
+    f"{steady['matmul_rate_at_step_shape']['shape']}, measured beside each step "
+    f"(goal {GOAL_ROOFLINE:.0%})"
   )
   print(
     f"prefill, one {prefill['tokens']}-token step: {prefill['step_s'] * 1e3:.1f} ms, "
     f"{prefill['tokens_per_s']:.0f} tok/s, {prefill['model_gflops']:.1f} GFLOP/s = "
     f"{prefill['fraction_of_matmul_rate_at_step_shape']:.1%} of the "
-    f"{prefill['matmul_rate_at_step_shape']['gflops']:.1f} GFLOP/s at "
-    f"{prefill['matmul_rate_at_step_shape']['shape']}"
+    f"{prefill['matmul_rate_at_step_shape']['gflops']:.1f} GFLOP/s (median; "
+    f"{prefill['matmul_rate_at_step_shape']['gflops_min_max'][0]:.0f}-"
+    f"{prefill['matmul_rate_at_step_shape']['gflops_min_max'][1]:.0f}) at "
+    f"{prefill['matmul_rate_at_step_shape']['shape']}, measured beside each step (goal 60%)"
   )
   print(
     f"end to end, {e2e['num_requests']} sharegpt-like requests (mean {e2e['mean_input']:.0f} in"
@@ -744,6 +769,13 @@ def main(argv=None) -> dict:
       f"Roofline: model FLOPs / step time vs the median jitted f32 [256x256]x[256x704] matmul "
       f"rate; FLOPs = sum_rows 2*{model_flops(cfg)['matmul_params']} + "
       f"{model_flops(cfg)['attention_flops_per_position']}*ctx."
+    ),
+    (
+      "Fractions 'at the step's shape' pair each engine step with the [rows x dim] x [dim x "
+      "hidden] matmul rate timed right after it (min of 3 calls) and take the median of the "
+      "per-step ratios; the trace's yardsticks are sampled 5 times before and after each "
+      "run. The rate of one jitted product moves 2x between moments of a run on this "
+      "shared machine, so a yardstick measured minutes away from its step is noise."
     ),
     (
       f"Load average start {info['load_average_start']}, end {info['load_average_end']} "

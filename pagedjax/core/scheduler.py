@@ -143,7 +143,16 @@ class StepResult:
   top_logprobs: object
 
   def inner(self, j: int) -> StepResult:
-    return StepResult(*(x[j] for x in dataclasses.astuple(self)))
+    """Inner step j of a multi-step decode."""
+    return StepResult(self.tokens[j], self.logprobs[j], self.ranks[j], self.top_ids[j],
+                      self.top_logprobs[j])
+
+  def as_lists(self) -> StepResult:
+    """tokens, logprobs and ranks as Python lists (indexing a list per row is several
+    times cheaper than converting numpy scalars); the top arrays as they are."""
+    return StepResult(*(getattr(x, "tolist", lambda x=x: x)() for x in
+                        (self.tokens, self.logprobs, self.ranks)), self.top_ids,
+                      self.top_logprobs)
 
 
 class Scheduler:
@@ -539,6 +548,7 @@ class Scheduler:
     """
     if out.num_steps > 1:
       return self._update_multi_step(out, result, on_error, after_token)
+    result = result.as_lists()
     rows_of: dict[int, list[tuple[ScheduledSeq, int]]] = {}
     groups: dict[int, SequenceGroup] = {}
     r = 0
@@ -570,29 +580,32 @@ class Scheduler:
                          after_token) -> list[SequenceGroup]:
     """A multi-step decode's results, one inner step at a time, as single steps would
     have applied them: a sequence that stops keeps no later token (its blocks, reserved
-    for all of its steps, are freed with it)."""
-    groups = {id(s.group): s.group for s in out.seqs}
+    for all of its steps, are freed with it). Blocks its new tokens fill are registered
+    in the prefix cache as each fills."""
+    rows_of: dict[int, tuple[SequenceGroup, list[tuple[ScheduledSeq, int]]]] = {}
+    for r, s in enumerate(out.seqs):
+      rows_of.setdefault(id(s.group), (s.group, []))[1].append((s, r))
+    bs, caching = self.bm.block_size, self.bm.enable_caching
     for j in range(out.num_steps):
-      res = result.inner(j)
-      rows_of: dict[int, list[tuple[ScheduledSeq, int]]] = {}
-      for r, s in enumerate(out.seqs):
-        if j < s.num_steps and not s.seq.is_finished:
-          rows_of.setdefault(id(s.group), []).append((s, r))
-      for gid, rows in rows_of.items():
-        group = groups[gid]
+      res = result.inner(j).as_lists()
+      for group, rows in rows_of.values():
+        live = [(s, r) for s, r in rows if j < s.num_steps and not s.seq.is_finished]
+        if not live:
+          continue
         try:
-          for s, _ in rows:
-            s.seq.num_computed_tokens = s.start + j + 1
-            self.bm.cache_full_blocks(s.seq.seq_id, s.seq.token_slice,
-                                      upto=s.seq.num_computed_tokens)
-          self._sample_step(group, rows, res)
+          for s, _ in live:
+            seq = s.seq
+            seq.num_computed_tokens = n = s.start + j + 1
+            if caching and n % bs == 0:
+              self.bm.cache_full_blocks(seq.seq_id, seq.token_slice, upto=n)
+          self._sample_step(group, live, res)
           if after_token is not None:
             after_token(group)
         except Exception as e:  # noqa: BLE001  (isolation, as in update_from_output)
           self.finish_group(group, "error")
           on_error(group, e)
     self.drop_finished()
-    return list(groups.values())
+    return [group for group, _ in rows_of.values()]
 
   def _sample_step(self, group: SequenceGroup, rows, result: StepResult) -> None:
     want_top = group.params.logprobs is not None
