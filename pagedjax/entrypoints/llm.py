@@ -496,14 +496,18 @@ class LLM:
     # A step with any prefill chunk counts as a prefill step; decode-only steps as decode.
     prefill = any(len(s.token_ids) > 1 or s.start < len(s.seq.prompt_token_ids) for s in so.seqs)
     st["num_prefill_steps" if prefill else "num_decode_steps"] += 1
-    if so.num_steps > 1:  # the tokens kept: a sequence's computed ones, plus the one drawn last
+    if so.num_steps > 1:
+      # Each inner step a sequence kept fed one token and drew one (those drawn after a
+      # stop were dropped, and are not counted).
+      kept = sum(s.seq.num_computed_tokens - s.start for s in so.seqs)
       st["num_multi_steps"] += 1
-      st["num_generated_tokens"] += sum(s.seq.num_computed_tokens - s.start for s in so.seqs)
+      st["num_generated_tokens"] += kept
+      st["num_batched_tokens"] += kept
     else:
       st["num_generated_tokens"] += sum(len(s.sample_indices) for s in so.seqs)
+      st["num_batched_tokens"] += so.num_batched_tokens
     st["num_prefill_tokens"] += sum(len(s.token_ids) for s in so.seqs
                                     if s.start < len(s.seq.prompt_token_ids))
-    st["num_batched_tokens"] += so.num_batched_tokens
     used = self.bm.device_allocator.num_used_blocks
     if used > self._peak["used_blocks"]:
       # Internal fragmentation at the high-water mark (stats() walks the tables: only
