@@ -153,3 +153,11 @@ def test_multi_step_programs_are_known_in_advance(multi_engine):
 def test_bad_num_scheduler_steps_is_refused(value, exc):
   with pytest.raises(exc, match="num_scheduler_steps"):
     LLM(num_blocks=8, num_scheduler_steps=value)
+
+
+def test_the_memory_report_counts_multi_steps(multi_engine):
+  from pagedjax.entrypoints import cli
+
+  multi_engine.generate("def ", SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True))
+  st = multi_engine.memory_stats()
+  assert f"{st['num_multi_steps']} of them multi-step" in cli.memory_report(st, 1.0)

@@ -96,7 +96,9 @@ def memory_report(stats: dict, elapsed_s: float) -> str:
       f"swap {stats['num_preemptions_swap']})",
       f"compiled programs: {stats['num_compilations']}",
       f"steps: {stats['num_steps']} ({stats['num_prefill_steps']} prefill, "
-      f"{stats['num_decode_steps']} decode)",
+      f"{stats['num_decode_steps']} decode"
+      + (f", {stats['num_multi_steps']} of them multi-step" if stats.get("num_multi_steps")
+         else "") + ")",
       f"tokens: {stats['num_prefill_tokens']} prompt, {stats['num_generated_tokens']} generated, "
       f"{stats['num_generated_tokens'] / max(elapsed_s, 1e-9):.1f} generated tokens/s "
       f"(wall {elapsed_s:.2f} s, compilation included)",
