@@ -7,6 +7,7 @@ scheduler + block manager for thousands of steps in seconds.
 
 import dataclasses
 import os
+import zlib
 
 import hypothesis.strategies as st
 import numpy as np
@@ -289,7 +290,7 @@ def test_recomputed_forked_group_that_becomes_decode_ready_stays_within_the_budg
 def _token(group, sample_index, pos):
   """The fake device's draw: a function of (request, sample, position) alone, as the
   engine's per-position PRNG keys make it; EOS now and then."""
-  h = hash((group.request_id, sample_index, pos)) % 1009
+  h = zlib.crc32(f"{group.request_id}/{sample_index}/{pos}".encode()) % 1009  # any process
   return EOS if h % 11 == 0 else 1 + h % 7
 
 
@@ -314,9 +315,13 @@ def _serve(groups, num_steps, **make):
   s.num_scheduler_steps = num_steps
   for g in groups:
     s.add(g)
-  multi = 0
+  multi = steps = 0
+  work = sum(len(g.prompt_token_ids) + g.width * g.params.max_tokens for g in groups)
   while s.has_unfinished():
+    steps += 1
+    assert steps < 50 * work + 100, "no progress (livelock)"
     out = s.schedule()
+    assert out.seqs or out.swap_in or out.swap_out, "an empty step with work left"
     if out.num_steps > 1:
       multi += 1
       assert all(len(q.token_ids) == 1 and 1 <= q.num_steps <= num_steps for q in out.seqs)
@@ -362,6 +367,22 @@ def test_multi_step_needs_idle_queues_and_the_blocks_of_every_step():
     bm.device_allocator.allocate()
   out = s.schedule()
   assert out.num_steps == 1
+
+
+def test_an_n2_prompts_sampling_step_is_a_single_step():
+  """Found by the property below: a multi-step took the decode-ready, not yet forked n = 2
+  prompt as a plain decode, drew one sample instead of two and left its fork stuck."""
+  _, s = _make(num_blocks=17, block_size=4, max_num_seqs=3)
+  s.num_scheduler_steps = 2
+  s.add(_group(0, 7, max_tokens=1))
+  s.add(_group(1, 58, max_tokens=3, n=2, temperature=1.0))
+  out = s.schedule()  # both prompts; the n = 2 one stops one token short
+  s.update_from_output(out, _positional_result(out), on_error=pytest.fail)
+  out = s.schedule()
+  assert out.num_steps == 1 and [q.sample_indices for q in out.seqs] == [(0, 1)]
+  s.update_from_output(out, _positional_result(out), on_error=pytest.fail)
+  out = s.schedule()  # now forked: two sequences, two steps left each
+  assert out.num_steps == 2 and len(out.seqs) == 2
 
 
 def test_multi_step_keeps_single_steps_for_beam_search():

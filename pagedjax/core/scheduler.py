@@ -15,8 +15,9 @@ nothing waits, nothing is swapped out and every running request is decode-ready 
 to N decode steps in one device program: each sequence gets the slots of its next N
 tokens (fewer where max_tokens, the context or min_tokens' banned window comes first),
 and the host checks the tokens one step at a time afterwards, discarding those drawn
-after a stop. Beam search (host-side selection each step) keeps single steps. The
-tokens are those of N single steps.
+after a stop. Beam search (host-side selection each step) and the step that draws an
+n > 1 prompt's samples (it forks them) are single steps. The tokens are those of N
+single steps.
 It emits a `SchedulerOutput` holding everything the device side needs: per scheduled
 sequence its tokens, first position, block table and which sample streams to draw,
 plus the block copies (swap-out, swap-in, copy-on-write) to run first, in that order.
@@ -314,7 +315,10 @@ class Scheduler:
     plan = []
     for group in self.running:
       p = group.params
-      if p.use_beam_search or not group.is_decode_ready():
+      # Beams select on the host every step; an n > 1 prompt's next step draws its n
+      # samples and forks them (one row each: single steps).
+      if p.use_beam_search or not group.is_decode_ready() or (group.width > 1
+                                                              and not group.forked):
         return None
       for seq in group.live_seqs:
         num_out = len(seq.output_token_ids)
@@ -322,8 +326,9 @@ class Scheduler:
         if num_out < p.min_tokens:  # the banned window (engine's DeviceSampling) ends here
           k = min(k, p.min_tokens - num_out)
         plan.append((group, seq, max(k, 1)))
-    if self.bm.blocks_to_append_all((s.seq_id, k) for _, s, k in plan) > self.bm.num_free_blocks:
-      return None
+    if max(k for _, _, k in plan) == 1 or self.bm.blocks_to_append_all(
+        (s.seq_id, k) for _, s, k in plan) > self.bm.num_free_blocks:
+      return None  # one step left for everyone, or not the blocks for all of them
     out = SchedulerOutput(num_steps=max(k for _, _, k in plan))
     for group, seq, k in plan:
       op = self.bm.append_slots(seq.seq_id, k)
