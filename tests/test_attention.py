@@ -73,12 +73,13 @@ def _decode_case(seed, dtype, h, hkv, *, lengths=(33, 50, 0, 1, 7, 16), bs=8, d=
   return q, kp, vp, tables, jnp.asarray(lengths, jnp.int32), k, v
 
 
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("h,hkv", [(4, 4), (8, 2), (4, 1)])  # MHA, GQA, MQA
-def test_decode_xla_matches_reference(dtype, h, hkv):
+def test_decode_matches_reference(dtype, h, hkv, impl):
   q, kp, vp, tables, lengths, k, v = _decode_case(0, dtype, h, hkv)
   scale = 0.3  # explicit, not 1/sqrt(d)
-  got = attention.paged_decode_attention(q, kp, vp, tables, lengths, sm_scale=scale)
+  got = attention.paged_decode_attention(q, kp, vp, tables, lengths, sm_scale=scale, impl=impl)
   want = attention.decode_attention_reference(q, k, v, lengths, sm_scale=scale)
   assert got.shape == q.shape and got.dtype == q.dtype
   _assert_close(got, want, dtype)
@@ -153,12 +154,13 @@ def test_layer_of_stacked_pages(dtype):
   want = attention.prefill_attention_reference(q, k, v, ctx, qlen, sm_scale=0.2)
   _assert_close(got, want, dtype)
   lengths = ctx + qlen
-  got = attention.paged_decode_attention(
-    q[:, 0], k_all, v_all, tables, lengths, sm_scale=0.2, layer=1
-  )
-  _assert_close(
-    got, attention.decode_attention_reference(q[:, 0], k, v, lengths, sm_scale=0.2), dtype
-  )
+  for impl in ("xla", "cpu"):
+    got = attention.paged_decode_attention(
+      q[:, 0], k_all, v_all, tables, lengths, sm_scale=0.2, layer=jnp.int32(1), impl=impl
+    )
+    _assert_close(
+      got, attention.decode_attention_reference(q[:, 0], k, v, lengths, sm_scale=0.2), dtype
+    )
   with pytest.raises(ValueError, match="layer 3"):
     attention.paged_decode_attention(q[:, 0], k_all, v_all, tables, lengths, sm_scale=0.2, layer=3)
   with pytest.raises(ValueError, match="layer given"):
@@ -242,7 +244,7 @@ def _metadata(seqs, tables, impl):
   cu = np.concatenate([[0], np.cumsum(lens)])
   t_cap = int(cu[-1]) + 3  # a few padding rows
   runner = ModelRunner.__new__(ModelRunner)  # only the pure metadata builders are used
-  if impl == "xla":
+  if impl in attention.ROW_IMPLS:
     r_cap = 1 << max(0, (len(seqs) - 1).bit_length())  # >= the decode rows, as in prepare
     meta, _ = runner._tiles(lens, starts, cu, tables, t_cap, r_cap)
   else:
@@ -254,19 +256,20 @@ RAGGED_MIX = [  # (tokens already cached, tokens computed now)
     (12, 1), (0, 20), (7, 9), (0, 1), (5, 0), (15, 1), (16, 16), (31, 1), (0, 8), (3, 17)]
 
 
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("h,hkv", [(4, 4), (8, 2), (4, 1)])
-def test_ragged_xla_matches_dense_per_sequence(dtype, h, hkv):
+def test_ragged_rows_match_dense_per_sequence(dtype, h, hkv, impl):
   """Decodes, whole prompts, chunks in mid-context, q_len 0, page boundaries, NaN pages."""
   q, kp, vp, tables, k, v = _ragged_case(11, dtype, h, hkv, RAGGED_MIX)
-  meta, t_cap = _metadata(RAGGED_MIX, tables, "xla")
+  meta, t_cap = _metadata(RAGGED_MIX, tables, impl)
   qp = jnp.pad(q, ((0, t_cap - q.shape[0]), (0, 0), (0, 0)))  # padding rows stay zero
   geometry = kv_cache.PoolGeometry.of(kp)
 
   @jax.jit
   def f(q, kp, vp, meta):
     return attention.ragged_paged_attention(q, kv_cache.to_rows(kp), kv_cache.to_rows(vp), meta,
-                                            layer=0, sm_scale=0.3, impl="xla", geometry=geometry)
+                                            layer=0, sm_scale=0.3, impl=impl, geometry=geometry)
 
   got = f(qp, kp, vp, meta)
   want = _ragged_reference(q, k, v, RAGGED_MIX, 0.3)
@@ -274,12 +277,13 @@ def test_ragged_xla_matches_dense_per_sequence(dtype, h, hkv):
   np.testing.assert_array_equal(np.asarray(got[q.shape[0]:], np.float32), 0.0)
 
 
-def test_ragged_xla_single_decode_and_single_chunk():
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+def test_ragged_rows_single_decode_and_single_chunk(impl):
   for mix in ([(0, 1)], [(40, 1)], [(0, 16)], [(8, 33)]):
     q, kp, vp, tables, k, v = _ragged_case(12, jnp.float32, 8, 2, mix)
-    meta, t_cap = _metadata(mix, tables, "xla")
+    meta, t_cap = _metadata(mix, tables, impl)
     qp = jnp.pad(q, ((0, t_cap - q.shape[0]), (0, 0), (0, 0)))
     got = attention.ragged_paged_attention(qp, kv_cache.to_rows(kp), kv_cache.to_rows(vp), meta,
-                                           layer=0, sm_scale=0.3, impl="xla",
+                                           layer=0, sm_scale=0.3, impl=impl,
                                            geometry=kv_cache.PoolGeometry.of(kp))
     _assert_close(got[:q.shape[0]], _ragged_reference(q, k, v, mix, 0.3), jnp.float32)

@@ -97,10 +97,11 @@ def test_xla_decode_and_prefill_on_quantized_pages_equal_dequantized(dtype):
   tables = jnp.asarray(rng.permutation(24)[:12].reshape(3, 4), jnp.int32)
   q = jax.random.normal(jax.random.key(5), (3, 4, 32))
   lengths = jnp.array([1, 8, 29], jnp.int32)  # one token, a page boundary, mid-page
-  got = attention.paged_decode_attention(q, kq, vq, tables, lengths, sm_scale=32**-0.5,
-                                         k_scales=ks, v_scales=vs)
   want = attention.paged_decode_attention(q, kd, vd, tables, lengths, sm_scale=32**-0.5)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+  for impl in ("xla", "cpu"):  # the native kernel decodes the stored codes itself
+    got = attention.paged_decode_attention(q, kq, vq, tables, lengths, sm_scale=32**-0.5,
+                                           k_scales=ks, v_scales=vs, impl=impl)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
   qp = jax.random.normal(jax.random.key(6), (3, 5, 4, 32))
   ctx, qlen = jnp.array([0, 7, 20], jnp.int32), jnp.array([5, 1, 4], jnp.int32)
   got = attention.paged_prefill_attention(qp, kq, vq, tables, ctx, qlen, sm_scale=32**-0.5,
@@ -114,13 +115,14 @@ def test_nan_in_unused_pages_and_scales_never_leaks():
   tables = jnp.array([[0, 1, 2, 3]], jnp.int32)
   q = jnp.ones((1, 4, 32))
   length = jnp.array([11], jnp.int32)  # page 1 holds positions 8..10, the rest unused
-  clean = attention.paged_decode_attention(q, kq, vq, tables, length, sm_scale=0.2,
-                                           k_scales=ks, v_scales=vs)
   poison = lambda x: x.at[:, 1, 3:].set(jnp.nan).at[:, 2:].set(jnp.nan)  # noqa: E731
-  got = attention.paged_decode_attention(q, kq, vq, tables, length, sm_scale=0.2,
-                                         k_scales=poison(ks), v_scales=poison(vs))
-  assert bool(jnp.all(jnp.isfinite(got)))
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(clean))
+  for impl in ("xla", "cpu"):
+    clean = attention.paged_decode_attention(q, kq, vq, tables, length, sm_scale=0.2,
+                                             k_scales=ks, v_scales=vs, impl=impl)
+    got = attention.paged_decode_attention(q, kq, vq, tables, length, sm_scale=0.2,
+                                           k_scales=poison(ks), v_scales=poison(vs), impl=impl)
+    assert bool(jnp.all(jnp.isfinite(got)))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(clean))
 
 
 def test_rectangular_entries_check_scales():
@@ -251,10 +253,10 @@ def test_quantized_pool_chunked_prefill_and_prefix_cache_change_no_token(recompu
 def test_pallas_interpret_on_quantized_pages_equals_xla(kv_dtype):
   params = SamplingParams(max_tokens=4, temperature=0.0)
   outs = {}
-  for impl in ("xla", "pallas_interpret"):
+  for impl in ("xla", "cpu", "pallas_interpret"):
     llm = LLM(num_blocks=16, max_num_seqs=2, attention_impl=impl, kv_cache_dtype=kv_dtype)
     outs[impl] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params)]
-  assert outs["pallas_interpret"] == outs["xla"]
+  assert outs["pallas_interpret"] == outs["xla"] == outs["cpu"]
 
 
 def test_memory_is_accounted_per_block_with_scales():

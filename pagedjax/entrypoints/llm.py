@@ -30,7 +30,7 @@ from pagedjax.core.scheduler import Scheduler, StepResult, max_blocks_needed
 from pagedjax.core.sequence import Sequence, SequenceGroup
 from pagedjax.entrypoints.detokenizer import IncrementalDetokenizer
 from pagedjax.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedjax.runner import kv_cache
+from pagedjax.runner import cpu_attention, kv_cache
 from pagedjax.runner import sharding as sharding_lib
 from pagedjax.runner import step as step_lib
 from pagedjax.runner.model_runner import MAX_BANNED, DeviceSampling, ModelRunner
@@ -62,6 +62,17 @@ def _check_choice(name, value, choices):
   if value not in choices:
     raise ValueError(f"{name} must be one of {choices}, got {value!r}")
   return value
+
+
+def resolve_attention_impl(attention_impl: str) -> str:
+  """"auto" -> "pallas" on GPU; on CPU "cpu" where its native kernel builds, else "xla".
+  "cpu" is built here (a BuildError saying why, rather than mid-step)."""
+  if attention_impl == "auto":
+    return ("pallas" if jax.default_backend() == "gpu" else
+            "cpu" if cpu_attention.available() else "xla")
+  if attention_impl == "cpu":
+    cpu_attention.library_path()
+  return attention_impl
 
 
 def _check_kv_dtype_for_impl(kv_cache_dtype: str, dtype: str, impl: str) -> None:
@@ -101,8 +112,9 @@ class LLM:
       histories, re-prefills after preemption (see core.block_manager). Outputs are
       unchanged; `reset_prefix_cache()` drops the cache.
     preemption_mode: "recompute" or "swap" when blocks run out.
-    attention_impl: "auto" (pallas on GPU, xla otherwise), "xla", "pallas",
-      "pallas_interpret".
+    attention_impl: "auto" (pallas on GPU; on CPU "cpu" where its native kernel builds,
+      else "xla"), "xla", "cpu" (the xla path with decode rows in a native XLA:CPU
+      kernel, pagedjax.runner.cpu_attention), "pallas", "pallas_interpret".
     dtype: compute dtype (and the KV cache's under kv_cache_dtype="auto"), "float32" or
       "bfloat16".
     kv_cache_dtype: "auto" (= dtype), "float32", "bfloat16", or quantized: "int8" or
@@ -185,8 +197,7 @@ class LLM:
         raise ValueError(f"tensor_parallel_size={tensor_parallel_size} but the mesh has "
                          f"{mesh.size} devices")
       tensor_parallel_size = mesh.size
-    if attention_impl == "auto":
-      attention_impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    attention_impl = resolve_attention_impl(attention_impl)
     _check_kv_dtype_for_impl(kv_cache_dtype, dtype, attention_impl)
     cfg, module, self.tokenizer = checkpoint.load(model, max_seq_len=max_model_len,
                                                   **({"skip_tokenizer_init": True}

@@ -49,9 +49,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pagedjax.runner import cpu_attention
 from pagedjax.runner import kv_cache as kvc
 
-IMPLS = ("xla", "pallas", "pallas_interpret")
+IMPLS = ("xla", "cpu", "pallas", "pallas_interpret")
+# Implementations that read the pools through their row view (kv_cache.to_rows).
+ROW_IMPLS = ("xla", "cpu")
 # Target size of one gathered K (or V) chunk in the xla path: small enough to stay in
 # cache and to be reused across loop steps, large enough to amortise the loop overhead.
 _CHUNK_BYTES = 1 << 20
@@ -128,13 +131,22 @@ def ragged_paged_attention(q, k, v, meta: AttentionMetadata, *, layer, sm_scale:
   Returns:
     `[T, H, D]` in q.dtype; zeros in padding rows.
   """
-  if impl == "xla":
+  if impl in ROW_IMPLS:
     t = q.shape[0]
     out = jnp.zeros(q.shape, q.dtype)
-    for index, tables, pos, (max_groups, chunk_bytes, max_pages) in (
-        (meta.decode_token_index[:, None], meta.decode_block_tables,
-         meta.decode_positions[:, None], _DECODE),
-        (meta.tile_token_index, meta.tile_block_tables, meta.tile_positions, _TILES)):
+    kinds = [(meta.tile_token_index, meta.tile_block_tables, meta.tile_positions, _TILES)]
+    if impl == "xla":
+      kinds.insert(0, (meta.decode_token_index[:, None], meta.decode_block_tables,
+                       meta.decode_positions[:, None], _DECODE))
+    elif meta.decode_token_index.size:  # "cpu": decode rows through the native kernel
+      index = meta.decode_token_index
+      o = cpu_attention.decode_attention_rows(
+        q[jnp.minimum(index, t - 1)], k, v, meta.decode_block_tables, meta.decode_positions,
+        layer, sm_scale=sm_scale, num_kv_heads=geometry.num_kv_heads,
+        num_blocks=geometry.num_blocks, block_size=geometry.block_size,
+        k_scale_rows=k_scales, v_scale_rows=v_scales)
+      out = out.at[index].set(o, mode="drop")
+    for index, tables, pos, (max_groups, chunk_bytes, max_pages) in kinds:
       if index.size == 0:
         continue
       # The host sorts rows by context: each group of consecutive rows runs its own loop
@@ -222,6 +234,18 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_sca
 @functools.partial(jax.jit, static_argnames=("sm_scale", "impl"))
 def _decode(q, k_pages, v_pages, block_tables, lengths, layer, k_scales, v_scales, *, sm_scale,
             impl):
+  if impl == "cpu":
+    if layer is None:
+      k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+      if k_scales is not None:
+        k_scales, v_scales = k_scales[None], v_scales[None]
+    geometry = kvc.PoolGeometry.of(k_pages)
+    return cpu_attention.decode_attention_rows(
+      q, kvc.to_rows(k_pages), kvc.to_rows(v_pages), block_tables,
+      lengths.astype(jnp.int32) - 1, layer, sm_scale=sm_scale,
+      num_kv_heads=geometry.num_kv_heads, num_blocks=geometry.num_blocks,
+      block_size=geometry.block_size, k_scale_rows=kvc.scale_rows(k_scales),
+      v_scale_rows=kvc.scale_rows(v_scales))
   if impl == "xla":
     q_pos = (lengths.astype(jnp.int32) - 1)[:, None]  # [B, 1]
     return _rect_xla(q[:, None], k_pages, v_pages, block_tables, q_pos, sm_scale, layer,
@@ -265,7 +289,7 @@ def _prefill(q, k_pages, v_pages, block_tables, context_lens, query_lens, layer,
              v_scales, *, sm_scale, impl):
   b, t, h, d = q.shape
   q_pos = _query_positions(context_lens, query_lens, t)  # [B, T]
-  if impl == "xla":
+  if impl in ROW_IMPLS:  # "cpu" runs prefill tiles through the xla path too
     return _rect_xla(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scales,
                      v_scales)
   # Flatten into B*T decode queries: length = position + 1, 0 for padded rows.

@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from pagedjax.runner import kv_cache as kvc
-from pagedjax.runner.attention import AttentionMetadata, ragged_paged_attention
+from pagedjax.runner.attention import ROW_IMPLS, AttentionMetadata, ragged_paged_attention
 from pagedjax.runner.kv_cache import KVCache
 
 
@@ -363,7 +363,7 @@ class Transformer(nnx.Module):
       slot_mapping: int32 [T] flat slot (block * block_size + offset); < 0 = padding.
       attn_meta: `attention.AttentionMetadata` for the impl.
       logits_index: int32 [R] token rows whose logits are returned.
-      impl: attention implementation ("xla", "pallas", "pallas_interpret").
+      impl: attention implementation ("xla", "cpu", "pallas", "pallas_interpret").
       tp_axis: inside `shard_map` over a tensor-parallel mesh, its axis name: this
         device's parameters and pages are its heads' shards, and the o / down
         projections' partial outputs are summed over the axis (one all-reduce each).
@@ -375,7 +375,7 @@ class Transformer(nnx.Module):
     geometry = kvc.PoolGeometry.of(kv.k_pages)
     # The xla path works on the pool's row view from the first write to the last read
     # (see pagedjax.runner.attention); the Pallas kernels take the 5-D pages.
-    rows = impl == "xla"
+    rows = impl in ROW_IMPLS
     # Quantized pools carry per-token scales beside the pages, in the same view.
     if rows:
       pools = (kvc.to_rows(kv.k_pages), kvc.to_rows(kv.v_pages), kvc.scale_rows(kv.k_scales),

@@ -33,9 +33,8 @@ from pagedjax.intmath import ceil_div, next_power_of_two, round_up
 from pagedjax.runner import kv_cache as kvc
 from pagedjax.runner import sharding as sharding_lib
 from pagedjax.runner import step as step_lib
-from pagedjax.runner.attention import TILE_SIZE, AttentionMetadata
+from pagedjax.runner.attention import IMPLS, ROW_IMPLS, TILE_SIZE, AttentionMetadata
 
-IMPLS = ("xla", "pallas", "pallas_interpret")
 MAX_BANNED = 8      # banned ids per sample row (min_tokens: stop ids + EOS)
 POOL_GRANULE = 64   # device / host page arrays are padded to a multiple of this
 _MIN_TOKEN_BUCKET = 8
@@ -86,7 +85,7 @@ class ModelRunner:
       float8_e4m3fn: an unquantized pool's blocks are stored quantized in the host pool.
     async_swap: dispatch swaps without waiting (JAX orders them before later uses of
       the pools); False waits for each swap to land (the synchronous baseline).
-    attention_impl: "xla", "pallas" or "pallas_interpret".
+    attention_impl: "xla", "cpu", "pallas" or "pallas_interpret".
     vocab_size: the tokenizer's vocabulary (ids beyond it are never sampled).
     max_num_seqs: most sample rows in a step (sets the sample-row bucket of steps with
       prefill chunks, see `prepare`).
@@ -150,7 +149,7 @@ class ModelRunner:
     return kvc.init_kv_cache(num_layers=g.num_layers, num_kv_heads=g.num_kv_heads,
                              num_blocks=g.num_blocks, block_size=g.block_size,
                              head_dim=g.head_dim, dtype=self.kv_cache_dtype,
-                             bit_storage=self.impl == "xla", sharding=self.kv_sharding)
+                             bit_storage=self.impl in ROW_IMPLS, sharding=self.kv_sharding)
 
   @property
   def kv_sharding(self):
@@ -301,7 +300,7 @@ class ModelRunner:
     r_cap = self._row_bucket(sum(len(s.sample_indices) for s in seqs), t_cap,
                              bool((lens > 1).any()))
     samp, logits_index = self._sampling(seqs, cu, r_cap)
-    attn, attn_key = (self._tiles(lens, starts, cu, tables, t_cap, r_cap) if self.impl == "xla"
+    attn, attn_key = (self._tiles(lens, starts, cu, tables, t_cap, r_cap) if self.impl in ROW_IMPLS
                       else self._ragged(lens, starts, cu, tables))
     batch = step_lib.StepBatch(tokens, positions, slots, attn, logits_index)
     return batch, samp, (t_cap, r_cap, *attn_key)
@@ -429,8 +428,8 @@ class ModelRunner:
     """Runs every program of `serving_program_keys` once on all-padding inputs (nothing
     is written: every slot is -1), so no step compiles while requests wait. Returns the
     number of programs that were new to this runner."""
-    if self.impl != "xla":
-      raise ValueError(f"precompile supports attention_impl='xla', not {self.impl!r}")
+    if self.impl not in ROW_IMPLS:
+      raise ValueError(f"precompile supports attention_impl {ROW_IMPLS}, not {self.impl!r}")
     p = self.max_blocks_per_seq
     before = len(self.programs)
     for key in self.serving_program_keys(max_num_batched_tokens):

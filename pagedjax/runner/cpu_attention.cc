@@ -1,0 +1,313 @@
+// Paged decode attention for XLA:CPU, as an XLA FFI custom call (attention_impl="cpu").
+//
+// One query token per row attends over its sequence's pages, read in place from the
+// pool's row view [L * Hkv * N, bs * D] (pagedjax.runner.kv_cache.to_rows): one page of
+// one kv head is one contiguous row. Why a native kernel: in XLA the same loop is
+// ~900 small kernels per layer (gathers, masks, online-softmax updates per chunk of
+// pages), and at decode shapes XLA:CPU's cost per kernel, not bytes or FLOPs, was most
+// of a step (pagedjax/runner/attention.py). Here a row is one pass over its pages.
+//
+// Exactness rules, as in the xla path: keys past a row's position are never read (so
+// stale or NaN pages cannot leak), block-table entries are clamped into [0, N), a row
+// with position < 0 (padding) returns zeros. Scores and the softmax are float32; the
+// softmax is two-pass (scores, then max / exp / sum), the output divided once at the end.
+//
+// Storage: float32; bfloat16 (or its uint16 bit pattern); 8-bit codes (int8, or fp8 /
+// uint8 bit patterns) decoded through a 256-entry table and scaled per token.
+//
+// Work is split over (row, kv head) pairs on XLA's intra-op thread pool.
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum class Storage { kF32, kBF16, kCode8 };
+
+struct Problem {
+  const float* q;        // [B, H, D]
+  const void* k;         // [R, bs * D]
+  const void* v;         // [R, bs * D]
+  const float* k_scale;  // [R, bs] (kCode8 only)
+  const float* v_scale;  // [R, bs] (kCode8 only)
+  const float* lut;      // [256] (kCode8 only)
+  const int32_t* tables; // [B, P]
+  const int32_t* pos;    // [B]
+  float* out;            // [B, H, D]
+  Storage storage;
+  int64_t b, h, d, p, hkv, n, bs, layer;
+  float sm_scale;
+};
+
+inline float Bf16(uint16_t bits) {
+  uint32_t w = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
+
+// One page's K or V (bs x D) as float32, `count` tokens: float32 pools are read in
+// place; others are converted into `buf` (8-bit codes scaled per token).
+inline const float* Page(const Problem& pr, const void* base, const float* scale,
+                         int64_t row, int64_t count, float* buf) {
+  const int64_t w = pr.bs * pr.d;
+  const int64_t m = count * pr.d;
+  switch (pr.storage) {
+    case Storage::kF32:
+      return static_cast<const float*>(base) + row * w;
+    case Storage::kBF16: {
+      const uint16_t* src = static_cast<const uint16_t*>(base) + row * w;
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) buf[i] = Bf16(src[i]);
+      return buf;
+    }
+    case Storage::kCode8: {
+      const uint8_t* src = static_cast<const uint8_t*>(base) + row * w;
+      const float* sc = scale + row * pr.bs;
+      for (int64_t t = 0; t < count; ++t)
+        for (int64_t i = 0; i < pr.d; ++i) buf[t * pr.d + i] = pr.lut[src[t * pr.d + i]] * sc[t];
+      return buf;
+    }
+  }
+  return buf;
+}
+
+// exp(x) for x <= 0 (Cephes' single-precision polynomial, ~1 ulp), written so that a
+// loop of it vectorizes. Below -87.3 it returns exp(-87.3) ~ 1e-38 instead of less:
+// next to the row's largest term (exp(0) = 1) that is far below float32's resolution.
+inline float ExpNonPositive(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+
+// Row `r`, kv head `kh`: the G query heads that share it. kD: head_dim known at compile
+// time (the common sizes), or 0 (read from the problem); kBs the same for block_size.
+template <int64_t kD, int64_t kBs>
+void Work(const Problem& pr, int64_t r, int64_t kh, std::vector<float>& scratch) {
+  const int64_t g = pr.h / pr.hkv, d = kD ? kD : pr.d, bs = kBs ? kBs : pr.bs;
+  float* out = pr.out + (r * pr.h + kh * g) * d;
+  std::fill(out, out + g * d, 0.0f);
+  const int64_t len = static_cast<int64_t>(pr.pos[r]) + 1;  // keys 0 .. pos
+  if (len <= 0) return;
+  const int64_t pages = std::min((len + bs - 1) / bs, pr.p);
+  const int64_t ctx = std::min(len, pages * bs);
+  scratch.resize(g * ctx + 2 * bs * d + g * d);
+  float* scores = scratch.data();   // [G, ctx]
+  float* buf = scores + g * ctx;    // [bs, D] a converted page
+  float* kt = buf + bs * d;         // [D, bs] a page of K transposed
+  float* acc = kt + bs * d;         // [G, D]
+  const float* q = pr.q + (r * pr.h + kh * g) * d;
+  const int64_t head_row = (pr.layer * pr.hkv + kh) * pr.n;
+  const int32_t* table = pr.tables + r * pr.p;
+  auto row_of = [&](int64_t j) {
+    return head_row + std::clamp<int64_t>(table[j], 0, pr.n - 1);
+  };
+  // Scores: K^T of a page in [D, count] order, so each query's scores for the page are
+  // vector FMAs across its tokens (no horizontal sums).
+  for (int64_t j = 0; j < pages; ++j) {
+    const int64_t count = std::min(bs, ctx - j * bs);
+    const float* k = Page(pr, pr.k, pr.k_scale, row_of(j), count, buf);
+    for (int64_t t = 0; t < count; ++t)
+      for (int64_t i = 0; i < d; ++i) kt[i * bs + t] = k[t * d + i];
+    if (count < bs)  // the last page's columns past the context: finite, then dropped
+      for (int64_t i = 0; i < d; ++i) std::fill(kt + i * bs + count, kt + (i + 1) * bs, 0.0f);
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const float* qg = q + gi * d;
+      float* s = scores + gi * ctx + j * bs;
+      if constexpr (kBs > 0) {  // the page's scores stay in registers
+        float a[kBs] = {};
+        for (int64_t i = 0; i < d; ++i) {
+          const float qi = qg[i];
+          const float* col = kt + i * bs;
+#pragma omp simd
+          for (int64_t t = 0; t < kBs; ++t) a[t] += qi * col[t];
+        }
+        for (int64_t t = 0; t < count; ++t) s[t] = a[t] * pr.sm_scale;
+      } else {
+#pragma omp simd
+        for (int64_t t = 0; t < count; ++t) s[t] = 0.0f;
+        for (int64_t i = 0; i < d; ++i) {
+          const float qi = qg[i];
+          const float* col = kt + i * bs;
+#pragma omp simd
+          for (int64_t t = 0; t < count; ++t) s[t] += qi * col[t];
+        }
+#pragma omp simd
+        for (int64_t t = 0; t < count; ++t) s[t] *= pr.sm_scale;
+      }
+    }
+  }
+  float inv[64];
+  for (int64_t gi = 0; gi < g; ++gi) {
+    float* s = scores + gi * ctx;
+    float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t t = 0; t < ctx; ++t) m = std::max(m, s[t]);
+#pragma omp simd
+    for (int64_t t = 0; t < ctx; ++t) s[t] = ExpNonPositive(s[t] - m);
+    float l = 0.0f;
+#pragma omp simd reduction(+ : l)
+    for (int64_t t = 0; t < ctx; ++t) l += s[t];
+    if (gi < 64) inv[gi] = 1.0f / l;
+    else scratch[0] = 0.0f;  // unreachable: g <= 64 is checked by the caller
+  }
+  std::fill(acc, acc + g * d, 0.0f);
+  for (int64_t j = 0; j < pages; ++j) {
+    const int64_t count = std::min(bs, ctx - j * bs);
+    const float* v = Page(pr, pr.v, pr.v_scale, row_of(j), count, buf);
+    for (int64_t gi = 0; gi < g; ++gi) {
+      float* o = acc + gi * d;
+      const float* s = scores + gi * ctx + j * bs;
+      for (int64_t t = 0; t < count; ++t) {
+        const float w = s[t];
+        const float* vt = v + t * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) o[i] += w * vt[i];
+      }
+    }
+  }
+  for (int64_t gi = 0; gi < g; ++gi)
+    for (int64_t i = 0; i < d; ++i) out[gi * d + i] = acc[gi * d + i] * inv[gi];
+}
+
+using WorkFn = void (*)(const Problem&, int64_t, int64_t, std::vector<float>&);
+
+WorkFn Pick(int64_t d, int64_t bs) {
+  if (bs == 16) {
+    switch (d) {
+      case 32: return Work<32, 16>;
+      case 64: return Work<64, 16>;
+      case 128: return Work<128, 16>;
+      default: return Work<0, 16>;
+    }
+  }
+  return Work<0, 0>;
+}
+
+// Shared by the caller and the pool tasks; tasks that start after all items are done
+// only touch this (kept alive by shared_ptr), never the buffers.
+struct Queue {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t items = 0;
+  Problem pr;
+  WorkFn work = nullptr;
+};
+
+void Drain(Queue& qu) {
+  std::vector<float> scratch;
+  for (int64_t i; (i = qu.next.fetch_add(1)) < qu.items;) {
+    qu.work(qu.pr, i / qu.pr.hkv, i % qu.pr.hkv, scratch);
+    qu.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error Decode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                  ffi::AnyBuffer v, ffi::Buffer<ffi::F32> k_scale,
+                  ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::F32> lut,
+                  ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> pos,
+                  ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out,
+                  float sm_scale, int64_t num_kv_heads, int64_t num_blocks,
+                  int64_t block_size, int64_t num_threads) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  auto td = tables.dimensions();
+  if (qd.size() != 3 || kd.size() != 2 || td.size() != 2 || td[0] != qd[0] ||
+      pos.element_count() != qd[0] || kd[1] != block_size * qd[2] ||
+      kd[0] % (num_kv_heads * num_blocks) != 0 || qd[1] % num_kv_heads != 0 ||
+      qd[1] / num_kv_heads > 64)
+    return ffi::Error::InvalidArgument("cpu paged decode attention: inconsistent shapes");
+  Problem pr;
+  switch (k.element_type()) {
+    case ffi::DataType::F32: pr.storage = Storage::kF32; break;
+    case ffi::DataType::BF16:
+    case ffi::DataType::U16: pr.storage = Storage::kBF16; break;
+    case ffi::DataType::S8:
+    case ffi::DataType::U8:
+    case ffi::DataType::F8E4M3FN: pr.storage = Storage::kCode8; break;
+    default: return ffi::Error::InvalidArgument("cpu paged decode attention: pool dtype");
+  }
+  if (v.element_type() != k.element_type())
+    return ffi::Error::InvalidArgument("cpu paged decode attention: K and V dtypes differ");
+  const int64_t num_layers = kd[0] / (num_kv_heads * num_blocks);
+  const int32_t l = layer.typed_data()[0];
+  if (l < 0 || l >= num_layers)
+    return ffi::Error::InvalidArgument("cpu paged decode attention: layer out of range");
+  if (pr.storage == Storage::kCode8 &&
+      (lut.element_count() != 256 || k_scale.element_count() != kd[0] * block_size ||
+       v_scale.element_count() != kd[0] * block_size))
+    return ffi::Error::InvalidArgument("cpu paged decode attention: scales / table shapes");
+  pr.q = q.typed_data();
+  pr.k = k.untyped_data();
+  pr.v = v.untyped_data();
+  pr.k_scale = k_scale.typed_data();
+  pr.v_scale = v_scale.typed_data();
+  pr.lut = lut.typed_data();
+  pr.tables = tables.typed_data();
+  pr.pos = pos.typed_data();
+  pr.out = out->typed_data();
+  pr.b = qd[0];
+  pr.h = qd[1];
+  pr.d = qd[2];
+  pr.p = td[1];
+  pr.hkv = num_kv_heads;
+  pr.n = num_blocks;
+  pr.bs = block_size;
+  pr.layer = l;
+  pr.sm_scale = sm_scale;
+
+  auto qu = std::make_shared<Queue>();
+  qu->items = pr.b * pr.hkv;
+  qu->pr = pr;
+  qu->work = Pick(pr.d, pr.bs);
+  const int64_t helpers =
+      std::min<int64_t>({num_threads - 1, pool.num_threads(), qu->items - 1});
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([qu] { Drain(*qu); });
+  Drain(*qu);
+  while (qu->done.load(std::memory_order_acquire) < qu->items) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PagedjaxCpuDecodeAttention, Decode,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()  // q
+        .Arg<ffi::AnyBuffer>()         // k rows
+        .Arg<ffi::AnyBuffer>()         // v rows
+        .Arg<ffi::Buffer<ffi::F32>>()  // k scales
+        .Arg<ffi::Buffer<ffi::F32>>()  // v scales
+        .Arg<ffi::Buffer<ffi::F32>>()  // 8-bit code table
+        .Arg<ffi::Buffer<ffi::S32>>()  // block tables
+        .Arg<ffi::Buffer<ffi::S32>>()  // positions
+        .Arg<ffi::Buffer<ffi::S32>>()  // layer
+        .Ret<ffi::Buffer<ffi::F32>>()  // out
+        .Attr<float>("sm_scale")
+        .Attr<int64_t>("num_kv_heads")
+        .Attr<int64_t>("num_blocks")
+        .Attr<int64_t>("block_size")
+        .Attr<int64_t>("num_threads"));
