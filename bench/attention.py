@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench import common
+from pagedjax.runner import cpu_attention
 from pagedjax.runner.attention import paged_decode_attention
 
 
@@ -147,7 +148,8 @@ def run(
     shape["batch"] = 8
   contexts = contexts or ((256,) if quick else (1024, 4096))
   dtypes = ("float32", "bfloat16")
-  impls = ["xla"] + (["pallas"] if jax.default_backend() == "gpu" else [])
+  impls = ["xla"] + (["pallas"] if jax.default_backend() == "gpu" else
+                     ["cpu"] if cpu_attention.available() else [])
   machine = common.machine_info()
 
   rows = []
@@ -195,16 +197,16 @@ def run(
     f"page_size={shape['page_size']} runs={runs} load={machine['load_avg_1m_5m_15m']}"
   )
   header = ["context", "dtype", "best contiguous", "ms", "GB/s", "paged xla ms", "ratio", "GB/s"]
-  if "pallas" in impls:
-    header += ["pallas ms", "ratio"]
+  for impl in impls[1:]:
+    header += [f"{impl} ms", "ratio"]
   table = []
   for r in rows:
     best, s = r["best_contiguous"], r["seconds"]
     line = [r["context"], r["dtype"], best.removeprefix("contiguous_"), s[best] * 1e3]
     line += [r["gbytes_per_s"][best], s["paged_xla"] * 1e3, r["ratio_xla"]]
     line += [r["gbytes_per_s"]["paged_xla"]]
-    if "pallas" in impls:
-      line += [s["paged_pallas"] * 1e3, r["ratio_pallas"]]
+    for impl in impls[1:]:
+      line += [s[f"paged_{impl}"] * 1e3, r[f"ratio_{impl}"]]
     table.append(line)
   print(common.format_table(header, table))
   report = {
@@ -218,8 +220,9 @@ def run(
     "lengths": "all sequences at full context",
     "block_tables": "random permutation of the pool",
     "headline": {
-      f"paged xla / best contiguous ({r['dtype']}, ctx {r['context']})": round(r["ratio_xla"], 2)
-      for r in rows
+      f"paged {impl} / best contiguous ({r['dtype']}, ctx {r['context']})":
+        round(r[f"ratio_{impl}"], 2)
+      for r in rows for impl in impls
     },
     "figure": "attention.png",
     "results": rows,

@@ -58,6 +58,7 @@ from bench import common
 from bench.contiguous_baseline import ContiguousServer
 from bench.workloads import make_trace
 from pagedjax import LLM, SamplingParams
+from pagedjax.entrypoints.llm import resolve_attention_impl
 from pagedjax.weights import checkpoint
 from pagedjax.runner import kv_cache as kvc
 from pagedjax.runner import sampler
@@ -107,13 +108,14 @@ def model_flops(cfg) -> dict:
 # ------------------------------------------------------------------------- serving
 
 
-def _engine(num_blocks: int, max_num_seqs: int, num_scheduler_steps: int = 1) -> LLM:
+def _engine(num_blocks: int, max_num_seqs: int, num_scheduler_steps: int = 1,
+            attention_impl: str = "auto") -> LLM:
   return LLM(
     num_blocks=num_blocks,
     block_size=BLOCK_SIZE,
     max_num_seqs=max_num_seqs,
     preemption_mode="recompute",
-    attention_impl="xla",
+    attention_impl=attention_impl,
     num_scheduler_steps=num_scheduler_steps,
   )
 
@@ -323,7 +325,7 @@ def prefill_rate(cfg, *, tokens: int, reps: int) -> dict:
 
   def one() -> float:
     llm = LLM(num_blocks=-(-tokens // BLOCK_SIZE) + 4, block_size=BLOCK_SIZE,
-              max_num_batched_tokens=tokens, attention_impl="xla")
+              max_num_batched_tokens=tokens)
     llm.add_request(None, prompt, params)
     start = time.perf_counter()
     llm.step()
@@ -349,7 +351,7 @@ def prefill_rate(cfg, *, tokens: int, reps: int) -> dict:
 
 def steady_decode(
   cfg, *, batch: int, decode_steps: int, seed: int, reps: int, warmup: bool,
-  components: bool = True, num_scheduler_steps: int = 1,
+  components: bool = True, num_scheduler_steps: int = 1, attention_impl: str = "auto",
 ) -> dict:
   """Model FLOP/s of full-batch decode steps, with a per-step time split and a device split.
 
@@ -359,11 +361,12 @@ def steady_decode(
   trace = make_trace("sharegpt-like", batch, max_seq_len=cfg.max_seq_len - decode_steps, seed=seed)
   params = SamplingParams(max_tokens=decode_steps, temperature=0.0, ignore_eos=True)
   num_blocks = batch * -(-cfg.max_seq_len // BLOCK_SIZE)  # everyone fits: no preemption
-  engine = lambda: _engine(num_blocks, batch, num_scheduler_steps)  # noqa: E731
+  engine = lambda: _engine(num_blocks, batch, num_scheduler_steps, attention_impl)  # noqa: E731
   if warmup:
     engine().generate(trace.prompts, params)  # compile
   result = {"batch": batch, "decode_steps": decode_steps, "num_blocks": num_blocks,
-            "num_scheduler_steps": num_scheduler_steps}
+            "num_scheduler_steps": num_scheduler_steps,
+            "attention_impl": resolve_attention_impl(attention_impl)}
   yard = common.MatmulYardstick((batch, cfg.dim, cfg.hidden_dim))
   captured: dict = {}  # the batch and sampling arrays of the latest step, and its steps
 
@@ -646,6 +649,14 @@ def main(argv=None) -> dict:
     m["host_share"] = 1.0 - m["step_split_s"]["device_step_synced"] / m["step_split_s"]["total"]
     multi[str(b)] = m
   steady["multi_step"] = multi
+  # The same batch on the pure-XLA attention path, side by side (what "cpu" replaces).
+  if steady["attention_impl"] != "xla":
+    x = steady_decode(cfg, batch=steady["batch"], decode_steps=6 if q else 64,
+                      seed=args.seed + 1, reps=3 if q else 20, warmup=not q, components=False,
+                      attention_impl="xla")
+    steady["xla_path"] = {k: x[k] for k in ("median_step_s", "model_gflops",
+                                            "fraction_of_matmul_rate_at_step_shape",
+                                            "matmul_rate_at_step_shape", "step_split_s")}
   e2e_kwargs = dict(num_blocks=kv_blocks, block_size=BLOCK_SIZE,
                     max_num_seqs=max_num_seqs) if q else {}
   # The trace's yardsticks: sampled 5 times right before and 5 times right after each run.
@@ -737,6 +748,13 @@ def main(argv=None) -> dict:
     f"  with num_scheduler_steps={e2m['engine_kwargs']['num_scheduler_steps']}: "
     f"{e2m['wall_s']:.2f} s, {e2m['output_tokens_per_s']:.0f} out tok/s = "
     f"{e2m['fraction_of_matmul_rate_64x256x704']:.1%} of the 64x256x704 rate")
+  if "xla_path" in steady:
+    xp = steady["xla_path"]
+    print(f"  attention_impl={steady['attention_impl']!r} vs 'xla' at batch {steady['batch']}: "
+          f"{steady['median_step_s'] * 1e3:.1f} vs {xp['median_step_s'] * 1e3:.1f} ms/step, "
+          f"{steady['fraction_of_matmul_rate_at_step_shape']:.1%} vs "
+          f"{xp['fraction_of_matmul_rate_at_step_shape']:.1%} of the matmul rate at the step's "
+          f"shape")
   print("host share of a decode step: " + ", ".join(
     f"batch {b}: {v:.1%}" for b, v in steady["host_share_by_batch"].items()) + " (goal <= 10%)")
   for b, m in steady["multi_step"].items():
@@ -791,7 +809,7 @@ def main(argv=None) -> dict:
       "block_size": BLOCK_SIZE,
       "budget_tokens": budget_tokens,
       "max_num_seqs": max_num_seqs,
-      "attention_impl": "xla",
+      "attention_impl": resolve_attention_impl("auto"),
       "preemption_mode": "recompute",
       "seed": args.seed,
       "quick": q,
