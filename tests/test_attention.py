@@ -121,11 +121,13 @@ def _prefill_case(
   )
 
 
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("h,hkv", [(4, 4), (8, 2), (4, 1)])
-def test_prefill_xla_matches_reference(dtype, h, hkv):
+def test_prefill_matches_reference(dtype, h, hkv, impl):
   q, kp, vp, tables, ctx, qlen, k, v = _prefill_case(2, dtype, h, hkv)
-  got = attention.paged_prefill_attention(q, kp, vp, tables, ctx, qlen, sm_scale=0.2)
+  got = attention.paged_prefill_attention(q, kp, vp, tables, ctx, qlen, sm_scale=0.2,
+                                          impl=impl)
   want = attention.prefill_attention_reference(q, k, v, ctx, qlen, sm_scale=0.2)
   assert got.shape == q.shape and got.dtype == q.dtype
   _assert_close(got, want, dtype)
@@ -149,10 +151,11 @@ def test_layer_of_stacked_pages(dtype):
   q, kp, vp, tables, ctx, qlen, k, v = _prefill_case(7, dtype, 4, 2)
   nan = jnp.full_like(kp, jnp.nan)
   k_all, v_all = jnp.stack([nan, kp, nan]), jnp.stack([nan, vp, nan])
-  f = jax.jit(functools.partial(attention.paged_prefill_attention, sm_scale=0.2))
-  got = f(q, k_all, v_all, tables, ctx, qlen, layer=jnp.int32(1))  # traced layer
   want = attention.prefill_attention_reference(q, k, v, ctx, qlen, sm_scale=0.2)
-  _assert_close(got, want, dtype)
+  for impl in ("xla", "cpu"):
+    f = jax.jit(functools.partial(attention.paged_prefill_attention, sm_scale=0.2, impl=impl))
+    got = f(q, k_all, v_all, tables, ctx, qlen, layer=jnp.int32(1))  # traced layer
+    _assert_close(got, want, dtype)
   lengths = ctx + qlen
   for impl in ("xla", "cpu"):
     got = attention.paged_decode_attention(

@@ -514,6 +514,8 @@ def test_machine_catches_injected_bugs(bug, monkeypatch):
   with pytest.raises((AssertionError, ValueError)):
     run_state_machine_as_test(
         BlockManagerMachine,
+        # derandomize: the same search every run, so a pass is no coin flip (a random
+        # search of this budget once missed the salt bug in CI)
         settings=settings(max_examples=300, stateful_step_count=30, deadline=None,
-                          database=None, phases=[Phase.generate],
+                          database=None, phases=[Phase.generate], derandomize=True,
                           suppress_health_check=list(HealthCheck)))

@@ -1,8 +1,9 @@
-"""attention_impl="cpu": the native XLA:CPU decode kernel (pagedjax/runner/cpu_attention.cc).
+"""attention_impl="cpu": the native XLA:CPU kernel (pagedjax/runner/cpu_attention.cc).
 
 The kernel is compared with the dense reference on fresh random shapes and contents
-(hypothesis: batch, heads, head_dim, block size, lengths with 0 / 1 / page boundaries,
-NaN in every unused slot, junk table entries), and the engine's "auto" choice and the
+(hypothesis: batch, heads, head_dim, block size, decode lengths with 0 / 1 / page
+boundaries, prefill tiles of 1 / 3 / 16 queries after random cached contexts, NaN in
+every unused slot, junk table entries), and the engine's "auto" choice and the
 no-compiler path are checked. Rectangular and ragged cases with the xla path live in
 test_attention.py, quantized pools in test_kv_quantization.py, engine runs everywhere
 (`LLM()` on CPU uses it).
@@ -47,6 +48,36 @@ def test_cpu_decode_matches_dense_reference_on_random_cases(case):
   want = attention.decode_attention_reference(q, k, v, lens, sm_scale=d**-0.5)
   _assert_close(got, want, jnp.float32)
   np.testing.assert_array_equal(np.asarray(got)[np.asarray(lengths) == 0], 0.0)
+
+
+@st.composite
+def _prefill_cases(draw):
+  hkv, g, d, bs, pages, _, seed = draw(_cases())
+  b = draw(st.integers(1, 4))
+  t = draw(st.sampled_from([1, 3, 16]))
+  qlen = [draw(st.integers(0, t)) for _ in range(b)]
+  ctx = [draw(st.integers(0, pages * bs - q)) for q in qlen]
+  return hkv, g, d, bs, pages, t, ctx, qlen, seed
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_prefill_cases())
+def test_cpu_prefill_matches_dense_reference_on_random_cases(case):
+  """Tiles of T queries, causal within the tile, after 0 .. P * bs - T cached tokens;
+  padded query rows return zeros."""
+  hkv, g, d, bs, pages, t, ctx, qlen, seed = case
+  total = np.add(ctx, qlen)
+  kp, vp, tables, k, v = _paged_case(seed, total, bs=bs, pages_per_seq=pages, hkv=hkv, d=d,
+                                     dtype=jnp.float32, share=len(total) > 1)
+  q = jnp.asarray(np.random.default_rng(seed).standard_normal((len(total), t, hkv * g, d)),
+                  jnp.float32)
+  ctx, qlen = jnp.asarray(ctx, jnp.int32), jnp.asarray(qlen, jnp.int32)
+  got = attention.paged_prefill_attention(q, kp, vp, tables, ctx, qlen, sm_scale=0.3,
+                                          impl="cpu")
+  want = attention.prefill_attention_reference(q, k, v, ctx, qlen, sm_scale=0.3)
+  _assert_close(got, want, jnp.float32)
+  pad = np.arange(t)[None] >= np.asarray(qlen)[:, None]
+  np.testing.assert_array_equal(np.asarray(got)[pad], 0.0)
 
 
 def test_traced_layer_and_a_jitted_caller():

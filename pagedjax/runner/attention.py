@@ -25,6 +25,11 @@ Implementations (`impl=`):
   4096 blocks).
   Chunking keeps every temporary small whatever the context: materialising a whole
   gathered context costs more in fresh-memory page faults than the attention itself.
+* "cpu" (the CPU default where a C++ compiler exists): the same tiles (decodes and
+  prefill tiles) and metadata, each batch of tiles one call of a native XLA:CPU kernel
+  (pagedjax/runner/cpu_attention.cc, an XLA FFI custom call): one pass per (tile, kv head)
+  over its pages, read in place from the row view. The xla loop was ~900 small kernels
+  per layer, and XLA:CPU's cost per kernel was most of a decode step.
 * "pallas" / "pallas_interpret": the Pallas kernels (GPU, or interpreted on CPU for
   tests): `pallas_kernels/ragged_paged_attention.py` for the ragged step (one launch,
   the layer picked inside the kernel, so no layer of the pool is sliced out), and
@@ -122,7 +127,7 @@ def ragged_paged_attention(q, k, v, meta: AttentionMetadata, *, layer, sm_scale:
     meta: `AttentionMetadata` (tile fields for "xla", ragged fields for Pallas).
     layer: the layer (int or traced int32 scalar).
     sm_scale: softmax scale (Python float).
-    impl: "xla", "pallas" or "pallas_interpret".
+    impl: "xla", "cpu", "pallas" or "pallas_interpret".
     geometry: the pool's static sizes.
     k_scales, v_scales: quantized pools' per-token scales, in the same layout as the
       pools (`kv_cache.scale_rows` rows `[L * Hkv * N, bs]` for "xla", `[L, Hkv, N, bs]`
@@ -134,18 +139,19 @@ def ragged_paged_attention(q, k, v, meta: AttentionMetadata, *, layer, sm_scale:
   if impl in ROW_IMPLS:
     t = q.shape[0]
     out = jnp.zeros(q.shape, q.dtype)
-    kinds = [(meta.tile_token_index, meta.tile_block_tables, meta.tile_positions, _TILES)]
-    if impl == "xla":
-      kinds.insert(0, (meta.decode_token_index[:, None], meta.decode_block_tables,
-                       meta.decode_positions[:, None], _DECODE))
-    elif meta.decode_token_index.size:  # "cpu": decode rows through the native kernel
-      index = meta.decode_token_index
-      o = cpu_attention.decode_attention_rows(
-        q[jnp.minimum(index, t - 1)], k, v, meta.decode_block_tables, meta.decode_positions,
-        layer, sm_scale=sm_scale, num_kv_heads=geometry.num_kv_heads,
-        num_blocks=geometry.num_blocks, block_size=geometry.block_size,
-        k_scale_rows=k_scales, v_scale_rows=v_scales)
-      out = out.at[index].set(o, mode="drop")
+    kinds = [(meta.decode_token_index[:, None], meta.decode_block_tables,
+              meta.decode_positions[:, None], _DECODE),
+             (meta.tile_token_index, meta.tile_block_tables, meta.tile_positions, _TILES)]
+    if impl == "cpu":  # every tile (decodes: tiles of one query) in the native kernel
+      for index, tables, pos, _ in kinds:
+        if index.size == 0:
+          continue
+        o = cpu_attention.tile_attention_rows(
+          q[jnp.minimum(index, t - 1)], k, v, tables, pos, layer, sm_scale=sm_scale,
+          num_kv_heads=geometry.num_kv_heads, num_blocks=geometry.num_blocks,
+          block_size=geometry.block_size, k_scale_rows=k_scales, v_scale_rows=v_scales)
+        out = out.at[index].set(o, mode="drop")
+      return out
     for index, tables, pos, (max_groups, chunk_bytes, max_pages) in kinds:
       if index.size == 0:
         continue
@@ -217,7 +223,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_sca
           Entries past the sequence's last page are ignored (any value).
       lengths: `int32[B]` context lengths (0 <= length <= P * bs), the query included.
       sm_scale: softmax scale (Python float), e.g. `D ** -0.5`.
-      impl: "xla", "pallas" or "pallas_interpret".
+      impl: "xla", "cpu", "pallas" or "pallas_interpret".
       layer: None, or the layer (int or int32 scalar, may be traced) of all-layer pools.
       k_scales, v_scales: float32 scales of int8 / fp8 pages, shaped like the pages
           without head_dim (one per token and kv head); None for float pages.
@@ -234,22 +240,11 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_sca
 @functools.partial(jax.jit, static_argnames=("sm_scale", "impl"))
 def _decode(q, k_pages, v_pages, block_tables, lengths, layer, k_scales, v_scales, *, sm_scale,
             impl):
-  if impl == "cpu":
-    if layer is None:
-      k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
-      if k_scales is not None:
-        k_scales, v_scales = k_scales[None], v_scales[None]
-    geometry = kvc.PoolGeometry.of(k_pages)
-    return cpu_attention.decode_attention_rows(
-      q, kvc.to_rows(k_pages), kvc.to_rows(v_pages), block_tables,
-      lengths.astype(jnp.int32) - 1, layer, sm_scale=sm_scale,
-      num_kv_heads=geometry.num_kv_heads, num_blocks=geometry.num_blocks,
-      block_size=geometry.block_size, k_scale_rows=kvc.scale_rows(k_scales),
-      v_scale_rows=kvc.scale_rows(v_scales))
-  if impl == "xla":
+  if impl in ROW_IMPLS:
     q_pos = (lengths.astype(jnp.int32) - 1)[:, None]  # [B, 1]
-    return _rect_xla(q[:, None], k_pages, v_pages, block_tables, q_pos, sm_scale, layer,
-                     k_scales, v_scales)[:, 0]
+    rect = _rect_cpu if impl == "cpu" else _rect_xla
+    return rect(q[:, None], k_pages, v_pages, block_tables, q_pos, sm_scale, layer,
+                k_scales, v_scales)[:, 0]
   return _pallas_decode(q, k_pages, v_pages, block_tables, lengths, sm_scale, impl, layer,
                         k_scales, v_scales)
 
@@ -270,7 +265,7 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, que
       context_lens: `int32[B]` tokens already cached before these queries.
       query_lens: `int32[B]` valid query rows per sequence (0 <= query_lens <= T).
       sm_scale: softmax scale (Python float).
-      impl: "xla", "pallas" or "pallas_interpret".
+      impl: "xla", "cpu", "pallas" or "pallas_interpret".
       layer: None, or the layer of all-layer pools.
       k_scales, v_scales: scales of int8 / fp8 pages (see `paged_decode_attention`).
 
@@ -289,7 +284,10 @@ def _prefill(q, k_pages, v_pages, block_tables, context_lens, query_lens, layer,
              v_scales, *, sm_scale, impl):
   b, t, h, d = q.shape
   q_pos = _query_positions(context_lens, query_lens, t)  # [B, T]
-  if impl in ROW_IMPLS:  # "cpu" runs prefill tiles through the xla path too
+  if impl == "cpu":
+    return _rect_cpu(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scales,
+                     v_scales)
+  if impl == "xla":
     return _rect_xla(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scales,
                      v_scales)
   # Flatten into B*T decode queries: length = position + 1, 0 for padded rows.
@@ -321,6 +319,21 @@ def _rect_xla(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scale
   return _attention_tiles(q, kvc.to_rows(k_pages), kvc.to_rows(v_pages), block_tables, q_pos,
                           layer, sm_scale, geometry, k_scale_rows=kvc.scale_rows(k_scales),
                           v_scale_rows=kvc.scale_rows(v_scales))
+
+
+def _rect_cpu(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scales=None,
+              v_scales=None):
+  """The native kernel on 4-D (one layer) or 5-D pools, outside a step."""
+  if layer is None:
+    k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    if k_scales is not None:
+      k_scales, v_scales = k_scales[None], v_scales[None]
+  geometry = kvc.PoolGeometry.of(k_pages)
+  return cpu_attention.tile_attention_rows(
+    q, kvc.to_rows(k_pages), kvc.to_rows(v_pages), block_tables, q_pos, layer,
+    sm_scale=sm_scale, num_kv_heads=geometry.num_kv_heads, num_blocks=geometry.num_blocks,
+    block_size=geometry.block_size, k_scale_rows=kvc.scale_rows(k_scales),
+    v_scale_rows=kvc.scale_rows(v_scales))
 
 
 def _pallas_decode(q, k_pages, v_pages, block_tables, lengths, sm_scale, impl, layer,

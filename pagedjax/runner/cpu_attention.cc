@@ -1,21 +1,23 @@
-// Paged decode attention for XLA:CPU, as an XLA FFI custom call (attention_impl="cpu").
+// Paged attention for XLA:CPU, as an XLA FFI custom call (attention_impl="cpu").
 //
-// One query token per row attends over its sequence's pages, read in place from the
-// pool's row view [L * Hkv * N, bs * D] (pagedjax.runner.kv_cache.to_rows): one page of
-// one kv head is one contiguous row. Why a native kernel: in XLA the same loop is
-// ~900 small kernels per layer (gathers, masks, online-softmax updates per chunk of
-// pages), and at decode shapes XLA:CPU's cost per kernel, not bytes or FLOPs, was most
-// of a step (pagedjax/runner/attention.py). Here a row is one pass over its pages.
+// Tiles of T queries of one sequence (T = 1: decode rows; T = 16: prefill tiles) attend
+// causally over their sequence's pages, read in place from the pool's row view
+// [L * Hkv * N, bs * D] (pagedjax.runner.kv_cache.to_rows): one page of one kv head is one
+// contiguous row. Why a native kernel: in XLA the same loop is ~900 small kernels per
+// layer (gathers, masks, online-softmax updates per chunk of pages), and XLA:CPU's cost
+// per kernel, not bytes or FLOPs, was most of a decode step
+// (pagedjax/runner/attention.py). Here a (tile, kv head) is one pass over its pages.
 //
-// Exactness rules, as in the xla path: keys past a row's position are never read (so
-// stale or NaN pages cannot leak), block-table entries are clamped into [0, N), a row
-// with position < 0 (padding) returns zeros. Scores and the softmax are float32; the
-// softmax is two-pass (scores, then max / exp / sum), the output divided once at the end.
+// Exactness rules, as in the xla path: a query never uses a key past its position (so
+// stale or NaN data cannot leak: such keys are never loaded into a softmax or a sum),
+// block-table entries are clamped into [0, N), a query with position < 0 (padding)
+// returns zeros. Scores and the softmax are float32; the softmax is two-pass (scores,
+// then max / exp / sum), the output divided once at the end.
 //
 // Storage: float32; bfloat16 (or its uint16 bit pattern); 8-bit codes (int8, or fp8 /
 // uint8 bit patterns) decoded through a 256-entry table and scaled per token.
 //
-// Work is split over (row, kv head) pairs on XLA's intra-op thread pool.
+// Work is split over (tile, kv head) pairs on XLA's intra-op thread pool.
 
 #include <algorithm>
 #include <atomic>
@@ -37,17 +39,17 @@ namespace {
 enum class Storage { kF32, kBF16, kCode8 };
 
 struct Problem {
-  const float* q;        // [B, H, D]
+  const float* q;        // [B, T, H, D]
   const void* k;         // [R, bs * D]
   const void* v;         // [R, bs * D]
   const float* k_scale;  // [R, bs] (kCode8 only)
   const float* v_scale;  // [R, bs] (kCode8 only)
   const float* lut;      // [256] (kCode8 only)
   const int32_t* tables; // [B, P]
-  const int32_t* pos;    // [B]
-  float* out;            // [B, H, D]
+  const int32_t* pos;    // [B, T]
+  float* out;            // [B, T, H, D]
   Storage storage;
-  int64_t b, h, d, p, hkv, n, bs, layer;
+  int64_t b, t, h, d, p, hkv, n, bs, layer;
   float sm_scale;
 };
 
@@ -102,30 +104,46 @@ inline float ExpNonPositive(float x) {
   return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
-// Row `r`, kv head `kh`: the G query heads that share it. kD: head_dim known at compile
-// time (the common sizes), or 0 (read from the problem); kBs the same for block_size.
+// Tile `r` (T queries of one sequence), kv head `kh`: the G x T query rows that share
+// it. kD: head_dim known at compile time (the common sizes), or 0 (read from the problem);
+// kBs the same for block_size.
+constexpr int64_t kR = 4;  // query rows per register block
+
 template <int64_t kD, int64_t kBs>
 void Work(const Problem& pr, int64_t r, int64_t kh, std::vector<float>& scratch) {
   const int64_t g = pr.h / pr.hkv, d = kD ? kD : pr.d, bs = kBs ? kBs : pr.bs;
-  float* out = pr.out + (r * pr.h + kh * g) * d;
-  std::fill(out, out + g * d, 0.0f);
-  const int64_t len = static_cast<int64_t>(pr.pos[r]) + 1;  // keys 0 .. pos
-  if (len <= 0) return;
-  const int64_t pages = std::min((len + bs - 1) / bs, pr.p);
-  const int64_t ctx = std::min(len, pages * bs);
-  scratch.resize(g * ctx + 2 * bs * d + g * d);
-  float* scores = scratch.data();   // [G, ctx]
-  float* buf = scores + g * ctx;    // [bs, D] a converted page
+  const int64_t nq = pr.t * g;  // query rows: (token, head) pairs
+  const int32_t* pos = pr.pos + r * pr.t;
+  auto out_row = [&](int64_t qi) {  // qi = token * g + head
+    return pr.out + ((r * pr.t + qi / g) * pr.h + kh * g + qi % g) * d;
+  };
+  auto q_row = [&](int64_t qi) {
+    return pr.q + ((r * pr.t + qi / g) * pr.h + kh * g + qi % g) * d;
+  };
+  int64_t last = -1;  // the tile's furthest position: keys 0 .. last are read
+  for (int64_t i = 0; i < pr.t; ++i) last = std::max<int64_t>(last, pos[i]);
+  for (int64_t qi = 0; qi < nq; ++qi) std::fill(out_row(qi), out_row(qi) + d, 0.0f);
+  if (last < 0) return;
+  const int64_t pages = std::min((last + bs) / bs, pr.p);
+  const int64_t ctx = std::min(last + 1, pages * bs);
+  scratch.resize(nq * ctx + 2 * bs * d + nq * d + nq + d);
+  float* scores = scratch.data();   // [nq, ctx]
+  float* buf = scores + nq * ctx;   // [bs, D] a converted page
   float* kt = buf + bs * d;         // [D, bs] a page of K transposed
-  float* acc = kt + bs * d;         // [G, D]
-  const float* q = pr.q + (r * pr.h + kh * g) * d;
+  float* acc = kt + bs * d;         // [nq, D]
+  float* inv = acc + nq * d;        // [nq]
+  float* zeros = inv + nq;          // [D] the query of a block's unused row
+  std::fill(zeros, zeros + d, 0.0f);
   const int64_t head_row = (pr.layer * pr.hkv + kh) * pr.n;
   const int32_t* table = pr.tables + r * pr.p;
   auto row_of = [&](int64_t j) {
     return head_row + std::clamp<int64_t>(table[j], 0, pr.n - 1);
   };
-  // Scores: K^T of a page in [D, count] order, so each query's scores for the page are
-  // vector FMAs across its tokens (no horizontal sums).
+  // keys a query row sees: 0 .. its position (none for padding, position < 0)
+  auto seen = [&](int64_t qi) { return std::min<int64_t>(pos[qi / g] + 1, ctx); };
+  // Scores: K^T of a page in [D, bs] order, so each query's scores for the page are
+  // vector FMAs across its tokens (no horizontal sums). Keys past a row's position are
+  // computed with the page but never used.
   for (int64_t j = 0; j < pages; ++j) {
     const int64_t count = std::min(bs, ctx - j * bs);
     const float* k = Page(pr, pr.k, pr.k_scale, row_of(j), count, buf);
@@ -133,63 +151,110 @@ void Work(const Problem& pr, int64_t r, int64_t kh, std::vector<float>& scratch)
       for (int64_t i = 0; i < d; ++i) kt[i * bs + t] = k[t * d + i];
     if (count < bs)  // the last page's columns past the context: finite, then dropped
       for (int64_t i = 0; i < d; ++i) std::fill(kt + i * bs + count, kt + (i + 1) * bs, 0.0f);
-    for (int64_t gi = 0; gi < g; ++gi) {
-      const float* qg = q + gi * d;
-      float* s = scores + gi * ctx + j * bs;
-      if constexpr (kBs > 0) {  // the page's scores stay in registers
-        float a[kBs] = {};
-        for (int64_t i = 0; i < d; ++i) {
-          const float qi = qg[i];
-          const float* col = kt + i * bs;
-#pragma omp simd
-          for (int64_t t = 0; t < kBs; ++t) a[t] += qi * col[t];
+    if constexpr (kBs > 0) {
+      // kR query rows at a time: kR independent accumulator chains, one load of each
+      // K^T column for all of them; the page's scores stay in registers.
+      for (int64_t q0 = 0; q0 < nq; q0 += kR) {
+        const float* qs[kR];
+        bool live[kR];
+        for (int64_t u = 0; u < kR; ++u) {
+          live[u] = q0 + u < nq && seen(q0 + u) > j * bs;
+          qs[u] = live[u] ? q_row(q0 + u) : zeros;
         }
-        for (int64_t t = 0; t < count; ++t) s[t] = a[t] * pr.sm_scale;
-      } else {
+        float a[kR][kBs] = {};
+        for (int64_t i = 0; i < d; ++i) {
+          const float* col = kt + i * bs;
+          for (int64_t u = 0; u < kR; ++u) {
+            const float qv = qs[u][i];
+#pragma omp simd
+            for (int64_t t = 0; t < kBs; ++t) a[u][t] += qv * col[t];
+          }
+        }
+        for (int64_t u = 0; u < kR; ++u) {
+          if (!live[u]) continue;
+          float* s = scores + (q0 + u) * ctx + j * bs;
+          for (int64_t t = 0; t < count; ++t) s[t] = a[u][t] * pr.sm_scale;
+        }
+      }
+    } else {
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        if (seen(qi) <= j * bs) continue;
+        const float* qg = q_row(qi);
+        float* s = scores + qi * ctx + j * bs;
 #pragma omp simd
         for (int64_t t = 0; t < count; ++t) s[t] = 0.0f;
         for (int64_t i = 0; i < d; ++i) {
-          const float qi = qg[i];
+          const float qv = qg[i];
           const float* col = kt + i * bs;
 #pragma omp simd
-          for (int64_t t = 0; t < count; ++t) s[t] += qi * col[t];
+          for (int64_t t = 0; t < count; ++t) s[t] += qv * col[t];
         }
 #pragma omp simd
         for (int64_t t = 0; t < count; ++t) s[t] *= pr.sm_scale;
       }
     }
   }
-  float inv[64];
-  for (int64_t gi = 0; gi < g; ++gi) {
-    float* s = scores + gi * ctx;
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    const int64_t n = seen(qi);
+    float* s = scores + qi * ctx;
     float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
-    for (int64_t t = 0; t < ctx; ++t) m = std::max(m, s[t]);
+    for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
 #pragma omp simd
-    for (int64_t t = 0; t < ctx; ++t) s[t] = ExpNonPositive(s[t] - m);
+    for (int64_t t = 0; t < n; ++t) s[t] = ExpNonPositive(s[t] - m);
     float l = 0.0f;
 #pragma omp simd reduction(+ : l)
-    for (int64_t t = 0; t < ctx; ++t) l += s[t];
-    if (gi < 64) inv[gi] = 1.0f / l;
-    else scratch[0] = 0.0f;  // unreachable: g <= 64 is checked by the caller
+    for (int64_t t = 0; t < n; ++t) l += s[t];
+    inv[qi] = n > 0 ? 1.0f / l : 0.0f;
   }
-  std::fill(acc, acc + g * d, 0.0f);
+  std::fill(acc, acc + nq * d, 0.0f);
   for (int64_t j = 0; j < pages; ++j) {
     const int64_t count = std::min(bs, ctx - j * bs);
     const float* v = Page(pr, pr.v, pr.v_scale, row_of(j), count, buf);
-    for (int64_t gi = 0; gi < g; ++gi) {
-      float* o = acc + gi * d;
-      const float* s = scores + gi * ctx + j * bs;
-      for (int64_t t = 0; t < count; ++t) {
-        const float w = s[t];
-        const float* vt = v + t * d;
+    if constexpr (kD > 0) {
+      // kR rows at a time, each row's output in registers. A row's weights past its own
+      // position are exactly 0 (not its unused scores); those keys are <= the tile's
+      // last position, i.e. written this step or before, so finite: 0 * v == 0.
+      for (int64_t q0 = 0; q0 < nq; q0 += kR) {
+        int64_t cnt[kR], most = 0;
+        for (int64_t u = 0; u < kR; ++u) {
+          cnt[u] = q0 + u < nq ? std::clamp<int64_t>(seen(q0 + u) - j * bs, 0, count) : 0;
+          most = std::max(most, cnt[u]);
+        }
+        if (most == 0) continue;
+        float o[kR][kD] = {};
+        for (int64_t t = 0; t < most; ++t) {
+          const float* vt = v + t * kD;
+          for (int64_t u = 0; u < kR; ++u) {
+            const float w = t < cnt[u] ? scores[(q0 + u) * ctx + j * bs + t] : 0.0f;
 #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) o[i] += w * vt[i];
+            for (int64_t i = 0; i < kD; ++i) o[u][i] += w * vt[i];
+          }
+        }
+        for (int64_t u = 0; u < kR && q0 + u < nq; ++u) {
+          float* a = acc + (q0 + u) * kD;
+#pragma omp simd
+          for (int64_t i = 0; i < kD; ++i) a[i] += o[u][i];
+        }
+      }
+    } else {
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        const int64_t cnt = std::min(count, seen(qi) - j * bs);
+        float* o = acc + qi * d;
+        const float* s = scores + qi * ctx + j * bs;
+        for (int64_t t = 0; t < cnt; ++t) {
+          const float w = s[t];
+          const float* vt = v + t * d;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) o[i] += w * vt[i];
+        }
       }
     }
   }
-  for (int64_t gi = 0; gi < g; ++gi)
-    for (int64_t i = 0; i < d; ++i) out[gi * d + i] = acc[gi * d + i] * inv[gi];
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    float* o = out_row(qi);
+    for (int64_t i = 0; i < d; ++i) o[i] = acc[qi * d + i] * inv[qi];
+  }
 }
 
 using WorkFn = void (*)(const Problem&, int64_t, int64_t, std::vector<float>&);
@@ -224,7 +289,7 @@ void Drain(Queue& qu) {
   }
 }
 
-ffi::Error Decode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
                   ffi::AnyBuffer v, ffi::Buffer<ffi::F32> k_scale,
                   ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::F32> lut,
                   ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> pos,
@@ -234,11 +299,10 @@ ffi::Error Decode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
   auto qd = q.dimensions();
   auto kd = k.dimensions();
   auto td = tables.dimensions();
-  if (qd.size() != 3 || kd.size() != 2 || td.size() != 2 || td[0] != qd[0] ||
-      pos.element_count() != qd[0] || kd[1] != block_size * qd[2] ||
-      kd[0] % (num_kv_heads * num_blocks) != 0 || qd[1] % num_kv_heads != 0 ||
-      qd[1] / num_kv_heads > 64)
-    return ffi::Error::InvalidArgument("cpu paged decode attention: inconsistent shapes");
+  if (qd.size() != 4 || kd.size() != 2 || td.size() != 2 || td[0] != qd[0] ||
+      pos.element_count() != qd[0] * qd[1] || kd[1] != block_size * qd[3] ||
+      kd[0] % (num_kv_heads * num_blocks) != 0 || qd[2] % num_kv_heads != 0)
+    return ffi::Error::InvalidArgument("cpu paged attention: inconsistent shapes");
   Problem pr;
   switch (k.element_type()) {
     case ffi::DataType::F32: pr.storage = Storage::kF32; break;
@@ -247,18 +311,18 @@ ffi::Error Decode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
     case ffi::DataType::S8:
     case ffi::DataType::U8:
     case ffi::DataType::F8E4M3FN: pr.storage = Storage::kCode8; break;
-    default: return ffi::Error::InvalidArgument("cpu paged decode attention: pool dtype");
+    default: return ffi::Error::InvalidArgument("cpu paged attention: pool dtype");
   }
   if (v.element_type() != k.element_type())
-    return ffi::Error::InvalidArgument("cpu paged decode attention: K and V dtypes differ");
+    return ffi::Error::InvalidArgument("cpu paged attention: K and V dtypes differ");
   const int64_t num_layers = kd[0] / (num_kv_heads * num_blocks);
   const int32_t l = layer.typed_data()[0];
   if (l < 0 || l >= num_layers)
-    return ffi::Error::InvalidArgument("cpu paged decode attention: layer out of range");
+    return ffi::Error::InvalidArgument("cpu paged attention: layer out of range");
   if (pr.storage == Storage::kCode8 &&
       (lut.element_count() != 256 || k_scale.element_count() != kd[0] * block_size ||
        v_scale.element_count() != kd[0] * block_size))
-    return ffi::Error::InvalidArgument("cpu paged decode attention: scales / table shapes");
+    return ffi::Error::InvalidArgument("cpu paged attention: scales / table shapes");
   pr.q = q.typed_data();
   pr.k = k.untyped_data();
   pr.v = v.untyped_data();
@@ -269,8 +333,9 @@ ffi::Error Decode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
   pr.pos = pos.typed_data();
   pr.out = out->typed_data();
   pr.b = qd[0];
-  pr.h = qd[1];
-  pr.d = qd[2];
+  pr.t = qd[1];
+  pr.h = qd[2];
+  pr.d = qd[3];
   pr.p = td[1];
   pr.hkv = num_kv_heads;
   pr.n = num_blocks;
@@ -293,7 +358,7 @@ ffi::Error Decode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PagedjaxCpuDecodeAttention, Decode,
+    PagedjaxCpuPagedAttention, Attend,
     ffi::Ffi::Bind()
         .Ctx<ffi::ThreadPool>()
         .Arg<ffi::Buffer<ffi::F32>>()  // q

@@ -1,10 +1,9 @@
-"""Native paged decode attention for XLA:CPU (attention_impl="cpu").
+"""Native paged attention for XLA:CPU (attention_impl="cpu").
 
-`decode_attention_rows` computes what the xla path's decode tiles compute (one query per
-row over its pages, pagedjax.runner.attention), as one XLA FFI custom call per layer
-implemented in `cpu_attention.cc`. Prefill tiles keep the xla path (they are matmuls,
-which XLA runs well); only the decode rows, where XLA:CPU spent its time on per-kernel
-overhead, move here.
+`tile_attention_rows` computes what the xla path's tiles compute (tiles of T queries of
+one sequence, causal over its pages; decode rows are tiles of one query;
+pagedjax.runner.attention), as one XLA FFI custom call per layer and kind of tile,
+implemented in `cpu_attention.cc`. The xla path stays the reference.
 
 The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else g++,
 c++ or clang++) against the XLA FFI headers shipped in jaxlib (`jax.ffi.include_dir()`),
@@ -32,7 +31,7 @@ import ml_dtypes
 import numpy as np
 
 _SRC = pathlib.Path(__file__).with_suffix(".cc")
-_TARGET = "pagedjax_cpu_decode_attention"
+_TARGET = "pagedjax_cpu_paged_attention"
 # -march=native: the library is built on the machine that runs it (the key has the CPU).
 # -fopenmp-simd: only the loops marked `omp simd` (dot products, sums) may be
 # reassociated into vector lanes; no -ffast-math elsewhere. No OpenMP runtime.
@@ -105,7 +104,7 @@ def _register() -> None:
   import ctypes
 
   lib = ctypes.cdll.LoadLibrary(str(library_path()))
-  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.PagedjaxCpuDecodeAttention),
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.PagedjaxCpuPagedAttention),
                               platform="cpu")
 
 
@@ -140,39 +139,40 @@ def supports(storage_dtype) -> bool:
 _NUM_THREADS = os.cpu_count() or 1
 
 
-def decode_attention_rows(q, k_rows, v_rows, block_tables, positions, layer, *, sm_scale: float,
-                          num_kv_heads: int, num_blocks: int, block_size: int,
-                          k_scale_rows=None, v_scale_rows=None):
-  """One query per row over its pages, read in place from the pools' row view.
+def tile_attention_rows(q, k_rows, v_rows, block_tables, positions, layer, *, sm_scale: float,
+                        num_kv_heads: int, num_blocks: int, block_size: int,
+                        k_scale_rows=None, v_scale_rows=None):
+  """Tiles of T queries of one sequence each, causal over their pages, read in place
+  from the pools' row view.
 
   Args:
-    q: `[B, H, D]` queries (any float dtype; computed in float32).
+    q: `[B, T, H, D]` queries (any float dtype; computed in float32).
     k_rows, v_rows: pools as rows `[L * Hkv * N, bs * D]` (`kv_cache.to_rows`): float32,
       bfloat16 / its uint16 bits, or 8-bit codes (int8; fp8 or its uint8 bits).
-    block_tables: `i32[B, P]` each row's pages (entries past its last page: any value).
-    positions: `i32[B]` the query's position (it attends to keys 0..position); -1: padding.
+    block_tables: `i32[B, P]` each tile's pages (entries past its last page: any value).
+    positions: `i32[B, T]` each query's position (it attends to keys 0..position);
+      -1: padding.
     layer: int or traced int32 scalar.
     sm_scale: softmax scale.
     num_kv_heads, num_blocks, block_size: the pool's geometry.
     k_scale_rows, v_scale_rows: `f32[L * Hkv * N, bs]` per-token scales of 8-bit pools.
 
   Returns:
-    `[B, H, D]` in q.dtype; zeros in padding rows.
+    `[B, T, H, D]` in q.dtype; zeros in padding rows.
   """
   _register()
   quantized = k_rows.dtype in _LUTS
-  if quantized != (k_scale_rows is not None):
-    raise ValueError(f"scales are required exactly for 8-bit pools, got {k_rows.dtype} pools "
-                     f"with k_scale_rows {None if k_scale_rows is None else k_scale_rows.shape}")
   if not supports(k_rows.dtype):
     raise ValueError(f"the cpu kernel does not read {k_rows.dtype} pools (supported: "
                      f"{[str(d) for d in _STORED]})")
+  if quantized != (k_scale_rows is not None):
+    raise ValueError(f"scales are required exactly for 8-bit pools, got {k_rows.dtype} pools "
+                     f"with k_scale_rows {None if k_scale_rows is None else k_scale_rows.shape}")
   if quantized:
     lut = jnp.asarray(_LUTS[k_rows.dtype])
   else:
     k_scale_rows = v_scale_rows = lut = jnp.zeros((1,), jnp.float32)
-  b, h, d = q.shape
-  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((b, h, d), jnp.float32),
+  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                           vmap_method="sequential")
   out = call(q.astype(jnp.float32), k_rows, v_rows, k_scale_rows, v_scale_rows, lut,
              block_tables.astype(jnp.int32), positions.astype(jnp.int32),
@@ -180,3 +180,10 @@ def decode_attention_rows(q, k_rows, v_rows, block_tables, positions, layer, *, 
              num_kv_heads=np.int64(num_kv_heads), num_blocks=np.int64(num_blocks),
              block_size=np.int64(block_size), num_threads=np.int64(_NUM_THREADS))
   return out.astype(q.dtype)
+
+
+def decode_attention_rows(q, k_rows, v_rows, block_tables, positions, layer, **kwargs):
+  """One query per row: q `[B, H, D]`, positions `i32[B]` -> `[B, H, D]`
+  (`tile_attention_rows` with T = 1; same keyword arguments)."""
+  return tile_attention_rows(q[:, None], k_rows, v_rows, block_tables, positions[:, None],
+                             layer, **kwargs)[:, 0]
