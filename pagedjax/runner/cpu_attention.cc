@@ -107,9 +107,9 @@ inline float ExpNonPositive(float x) {
 // Tile `r` (T queries of one sequence), kv head `kh`: the G x T query rows that share
 // it. kD: head_dim known at compile time (the common sizes), or 0 (read from the problem);
 // kBs the same for block_size.
-constexpr int64_t kR = 4;  // query rows per register block
-
-template <int64_t kD, int64_t kBs>
+// kR: query rows per register block (1, 2 or 4: no more than a tile has, so MHA decode,
+// one query row per kv head, computes no padding rows).
+template <int64_t kD, int64_t kBs, int64_t kR>
 void Work(const Problem& pr, int64_t r, int64_t kh, std::vector<float>& scratch) {
   const int64_t g = pr.h / pr.hkv, d = kD ? kD : pr.d, bs = kBs ? kBs : pr.bs;
   const int64_t nq = pr.t * g;  // query rows: (token, head) pairs
@@ -259,16 +259,21 @@ void Work(const Problem& pr, int64_t r, int64_t kh, std::vector<float>& scratch)
 
 using WorkFn = void (*)(const Problem&, int64_t, int64_t, std::vector<float>&);
 
-WorkFn Pick(int64_t d, int64_t bs) {
+template <int64_t kR>
+WorkFn PickRows(int64_t d, int64_t bs) {
   if (bs == 16) {
     switch (d) {
-      case 32: return Work<32, 16>;
-      case 64: return Work<64, 16>;
-      case 128: return Work<128, 16>;
-      default: return Work<0, 16>;
+      case 32: return Work<32, 16, kR>;
+      case 64: return Work<64, 16, kR>;
+      case 128: return Work<128, 16, kR>;
+      default: return Work<0, 16, kR>;
     }
   }
-  return Work<0, 0>;
+  return Work<0, 0, kR>;
+}
+
+WorkFn Pick(int64_t d, int64_t bs, int64_t rows) {
+  return rows >= 4 ? PickRows<4>(d, bs) : rows >= 2 ? PickRows<2>(d, bs) : PickRows<1>(d, bs);
 }
 
 // Shared by the caller and the pool tasks; tasks that start after all items are done
@@ -346,7 +351,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
   auto qu = std::make_shared<Queue>();
   qu->items = pr.b * pr.hkv;
   qu->pr = pr;
-  qu->work = Pick(pr.d, pr.bs);
+  qu->work = Pick(pr.d, pr.bs, pr.t * (pr.h / pr.hkv));
   const int64_t helpers =
       std::min<int64_t>({num_threads - 1, pool.num_threads(), qu->items - 1});
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([qu] { Drain(*qu); });
