@@ -55,7 +55,7 @@ def _prefill_cases(draw):
   hkv, g, d, bs, pages, _, seed = draw(_cases())
   b = draw(st.integers(1, 4))
   t = draw(st.sampled_from([1, 3, 16]))
-  qlen = [draw(st.integers(0, t)) for _ in range(b)]
+  qlen = [draw(st.integers(0, min(t, pages * bs))) for _ in range(b)]  # fits the table
   ctx = [draw(st.integers(0, pages * bs - q)) for q in qlen]
   return hkv, g, d, bs, pages, t, ctx, qlen, seed
 

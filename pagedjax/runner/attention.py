@@ -242,9 +242,8 @@ def _decode(q, k_pages, v_pages, block_tables, lengths, layer, k_scales, v_scale
             impl):
   if impl in ROW_IMPLS:
     q_pos = (lengths.astype(jnp.int32) - 1)[:, None]  # [B, 1]
-    rect = _rect_cpu if impl == "cpu" else _rect_xla
-    return rect(q[:, None], k_pages, v_pages, block_tables, q_pos, sm_scale, layer,
-                k_scales, v_scales)[:, 0]
+    return _rect_rows(q[:, None], k_pages, v_pages, block_tables, q_pos, sm_scale, layer,
+                      k_scales, v_scales, impl=impl)[:, 0]
   return _pallas_decode(q, k_pages, v_pages, block_tables, lengths, sm_scale, impl, layer,
                         k_scales, v_scales)
 
@@ -284,12 +283,9 @@ def _prefill(q, k_pages, v_pages, block_tables, context_lens, query_lens, layer,
              v_scales, *, sm_scale, impl):
   b, t, h, d = q.shape
   q_pos = _query_positions(context_lens, query_lens, t)  # [B, T]
-  if impl == "cpu":
-    return _rect_cpu(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scales,
-                     v_scales)
-  if impl == "xla":
-    return _rect_xla(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scales,
-                     v_scales)
+  if impl in ROW_IMPLS:
+    return _rect_rows(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scales,
+                      v_scales, impl=impl)
   # Flatten into B*T decode queries: length = position + 1, 0 for padded rows.
   tables = jnp.repeat(block_tables, t, axis=0)  # [B*T, P]
   out = _pallas_decode(q.reshape(b * t, h, d), k_pages, v_pages, tables,
@@ -308,32 +304,21 @@ def _query_positions(context_lens, query_lens, t: int):
   return jnp.where(rows < query_lens[:, None], pos, -1)
 
 
-def _rect_xla(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scales=None,
-              v_scales=None):
-  """The tiles path on 4-D (one layer) or 5-D pools, outside a step."""
+def _rect_rows(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scales=None,
+               v_scales=None, *, impl: str):
+  """The tiles on 4-D (one layer) or 5-D pools, outside a step: "xla" or "cpu"."""
   if layer is None:
     k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
     if k_scales is not None:
       k_scales, v_scales = k_scales[None], v_scales[None]
-  geometry = kvc.PoolGeometry.of(k_pages)
-  return _attention_tiles(q, kvc.to_rows(k_pages), kvc.to_rows(v_pages), block_tables, q_pos,
-                          layer, sm_scale, geometry, k_scale_rows=kvc.scale_rows(k_scales),
-                          v_scale_rows=kvc.scale_rows(v_scales))
-
-
-def _rect_cpu(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scales=None,
-              v_scales=None):
-  """The native kernel on 4-D (one layer) or 5-D pools, outside a step."""
-  if layer is None:
-    k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
-    if k_scales is not None:
-      k_scales, v_scales = k_scales[None], v_scales[None]
-  geometry = kvc.PoolGeometry.of(k_pages)
-  return cpu_attention.tile_attention_rows(
-    q, kvc.to_rows(k_pages), kvc.to_rows(v_pages), block_tables, q_pos, layer,
-    sm_scale=sm_scale, num_kv_heads=geometry.num_kv_heads, num_blocks=geometry.num_blocks,
-    block_size=geometry.block_size, k_scale_rows=kvc.scale_rows(k_scales),
-    v_scale_rows=kvc.scale_rows(v_scales))
+  g = kvc.PoolGeometry.of(k_pages)
+  args = (q, kvc.to_rows(k_pages), kvc.to_rows(v_pages), block_tables, q_pos, layer)
+  scales = dict(k_scale_rows=kvc.scale_rows(k_scales), v_scale_rows=kvc.scale_rows(v_scales))
+  if impl == "cpu":
+    return cpu_attention.tile_attention_rows(
+      *args, sm_scale=sm_scale, num_kv_heads=g.num_kv_heads, num_blocks=g.num_blocks,
+      block_size=g.block_size, **scales)
+  return _attention_tiles(*args, sm_scale, g, **scales)
 
 
 def _pallas_decode(q, k_pages, v_pages, block_tables, lengths, sm_scale, impl, layer,
