@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from pagedjax import LLM
 from pagedjax.entrypoints.llm import resolve_attention_impl
-from pagedjax.runner import attention, cpu_attention
+from pagedjax.runner import attention, cpu_attention, kv_cache
 from test_attention import _assert_close, _paged_case
 
 
@@ -126,14 +126,15 @@ def test_without_a_compiler_auto_falls_back_and_cpu_says_why(monkeypatch, tmp_pa
 
 
 def test_pools_the_kernel_cannot_read_are_refused():
-  q = jnp.zeros((1, 2, 16))
+  q = jnp.zeros((1, 1, 2, 16))
+  geometry = kv_cache.PoolGeometry(num_layers=1, num_kv_heads=1, num_blocks=8, block_size=8,
+                                   head_dim=16)
+  tables, pos = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)
   rows = jnp.zeros((8, 8 * 16), jnp.int32)
   with pytest.raises(ValueError, match="int32"):
-    cpu_attention.decode_attention_rows(q, rows, rows, jnp.zeros((1, 1), jnp.int32),
-                                        jnp.zeros((1,), jnp.int32), 0, sm_scale=0.1,
-                                        num_kv_heads=1, num_blocks=8, block_size=8)
+    cpu_attention.tile_attention_rows(q, rows, rows, tables, pos, 0, sm_scale=0.1,
+                                      geometry=geometry)
   codes = jnp.zeros((8, 8 * 16), jnp.int8)
   with pytest.raises(ValueError, match="scales"):
-    cpu_attention.decode_attention_rows(q, codes, codes, jnp.zeros((1, 1), jnp.int32),
-                                        jnp.zeros((1,), jnp.int32), 0, sm_scale=0.1,
-                                        num_kv_heads=1, num_blocks=8, block_size=8)
+    cpu_attention.tile_attention_rows(q, codes, codes, tables, pos, 0, sm_scale=0.1,
+                                      geometry=geometry)

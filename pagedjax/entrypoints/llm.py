@@ -113,8 +113,8 @@ class LLM:
       unchanged; `reset_prefix_cache()` drops the cache.
     preemption_mode: "recompute" or "swap" when blocks run out.
     attention_impl: "auto" (pallas on GPU; on CPU "cpu" where its native kernel builds,
-      else "xla"), "xla", "cpu" (the xla path with decode rows in a native XLA:CPU
-      kernel, pagedjax.runner.cpu_attention), "pallas", "pallas_interpret".
+      else "xla"), "xla", "cpu" (the xla path's tiles, decodes and prefill chunks, in a
+      native XLA:CPU kernel, pagedjax.runner.cpu_attention), "pallas", "pallas_interpret".
     dtype: compute dtype (and the KV cache's under kv_cache_dtype="auto"), "float32" or
       "bfloat16".
     kv_cache_dtype: "auto" (= dtype), "float32", "bfloat16", or quantized: "int8" or

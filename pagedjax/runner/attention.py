@@ -148,8 +148,7 @@ def ragged_paged_attention(q, k, v, meta: AttentionMetadata, *, layer, sm_scale:
           continue
         o = cpu_attention.tile_attention_rows(
           q[jnp.minimum(index, t - 1)], k, v, tables, pos, layer, sm_scale=sm_scale,
-          num_kv_heads=geometry.num_kv_heads, num_blocks=geometry.num_blocks,
-          block_size=geometry.block_size, k_scale_rows=k_scales, v_scale_rows=v_scales)
+          geometry=geometry, k_scale_rows=k_scales, v_scale_rows=v_scales)
         out = out.at[index].set(o, mode="drop")
       return out
     for index, tables, pos, (max_groups, chunk_bytes, max_pages) in kinds:
@@ -315,9 +314,7 @@ def _rect_rows(q, k_pages, v_pages, block_tables, q_pos, sm_scale, layer, k_scal
   args = (q, kvc.to_rows(k_pages), kvc.to_rows(v_pages), block_tables, q_pos, layer)
   scales = dict(k_scale_rows=kvc.scale_rows(k_scales), v_scale_rows=kvc.scale_rows(v_scales))
   if impl == "cpu":
-    return cpu_attention.tile_attention_rows(
-      *args, sm_scale=sm_scale, num_kv_heads=g.num_kv_heads, num_blocks=g.num_blocks,
-      block_size=g.block_size, **scales)
+    return cpu_attention.tile_attention_rows(*args, sm_scale=sm_scale, geometry=g, **scales)
   return _attention_tiles(*args, sm_scale, g, **scales)
 
 

@@ -140,8 +140,7 @@ _NUM_THREADS = os.cpu_count() or 1
 
 
 def tile_attention_rows(q, k_rows, v_rows, block_tables, positions, layer, *, sm_scale: float,
-                        num_kv_heads: int, num_blocks: int, block_size: int,
-                        k_scale_rows=None, v_scale_rows=None):
+                        geometry, k_scale_rows=None, v_scale_rows=None):
   """Tiles of T queries of one sequence each, causal over their pages, read in place
   from the pools' row view.
 
@@ -154,7 +153,7 @@ def tile_attention_rows(q, k_rows, v_rows, block_tables, positions, layer, *, sm
       -1: padding.
     layer: int or traced int32 scalar.
     sm_scale: softmax scale.
-    num_kv_heads, num_blocks, block_size: the pool's geometry.
+    geometry: the pool's `kv_cache.PoolGeometry`.
     k_scale_rows, v_scale_rows: `f32[L * Hkv * N, bs]` per-token scales of 8-bit pools.
 
   Returns:
@@ -177,13 +176,7 @@ def tile_attention_rows(q, k_rows, v_rows, block_tables, positions, layer, *, sm
   out = call(q.astype(jnp.float32), k_rows, v_rows, k_scale_rows, v_scale_rows, lut,
              block_tables.astype(jnp.int32), positions.astype(jnp.int32),
              jnp.asarray(layer, jnp.int32).reshape(1), sm_scale=np.float32(sm_scale),
-             num_kv_heads=np.int64(num_kv_heads), num_blocks=np.int64(num_blocks),
-             block_size=np.int64(block_size), num_threads=np.int64(_NUM_THREADS))
+             num_kv_heads=np.int64(geometry.num_kv_heads),
+             num_blocks=np.int64(geometry.num_blocks), block_size=np.int64(geometry.block_size),
+             num_threads=np.int64(_NUM_THREADS))
   return out.astype(q.dtype)
-
-
-def decode_attention_rows(q, k_rows, v_rows, block_tables, positions, layer, **kwargs):
-  """One query per row: q `[B, H, D]`, positions `i32[B]` -> `[B, H, D]`
-  (`tile_attention_rows` with T = 1; same keyword arguments)."""
-  return tile_attention_rows(q[:, None], k_rows, v_rows, block_tables, positions[:, None],
-                             layer, **kwargs)[:, 0]
