@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   # request decodes, run up to this many decode steps per scheduled step (one round of
   # host work for all of them; streamed tokens then come in bursts). 1: off.
   config.engine.num_scheduler_steps = 1
+  # Async scheduling (vLLM's name): schedule and dispatch each step while the one before
+  # runs, its tokens fed on the device; same outputs. False: schedule after each result.
+  config.engine.async_scheduling = True
   # Seeds requests that do not set their own.
   config.engine.seed = 0
   # Devices the model and the KV pool are sharded over by attention heads (1: one device).

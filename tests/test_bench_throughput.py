@@ -94,7 +94,10 @@ def test_quick_run_writes_sane_json_only_under_tmp(tmp_path, monkeypatch):
   assert doc["prefill"]["tokens"] == 64 and doc["prefill"]["fraction_of_matmul_rate_at_step_shape"] > 0
   assert steady["step_split_s"]["device_step_synced"] > 0
   assert set(steady["host_share_by_batch"]) == {"4", "1"}
-  assert all(0 < v < 1 for v in steady["host_share_by_batch"].values())
+  # Shares of two timings (the step, the device step alone): below 1 (no sign asserted:
+  # a quick run does not warm up, and overlapped host work can meet the device's time).
+  for shares in (steady["host_share_by_batch"], steady["host_share_by_batch_after_results"]):
+    assert set(shares) == {"4", "1"} and all(v < 1 for v in shares.values())
   e2e = doc["end_to_end"]
   assert e2e["num_requests"] == 2 and e2e["model_gflops"] > 0 and e2e["wall_s"] > 0
   assert 0 < e2e["fraction_of_matmul_rate_64x256x704"] and e2e["num_steps"] >= e2e["mean_output"]
@@ -102,9 +105,11 @@ def test_quick_run_writes_sane_json_only_under_tmp(tmp_path, monkeypatch):
   assert set(steady["multi_step"]) == {"4", "1"}
   for m in steady["multi_step"].values():
     assert m["num_scheduler_steps"] == 2 and m["num_full_decode_steps"] >= 1
-    assert m["model_gflops"] > 0 and 0 < m["host_share"] < 1
+    assert m["model_gflops"] > 0 and m["host_share"] < 1
   e2m = e2e["multi_step"]
   assert e2m["engine_kwargs"]["num_scheduler_steps"] == 2
   assert e2m["num_steps"] < e2e["num_steps"] and e2m["fraction_of_matmul_rate_64x256x704"] > 0
+  assert e2e["after_results"]["engine_kwargs"]["async_scheduling"] is False
+  assert e2e["after_results"]["output_tokens_per_s"] > 0
   assert doc["matmul_rate"]["256x256x704"]["gflops"] > 0
   assert doc["notes"]

@@ -126,17 +126,17 @@ def test_streaming_gets_bursts_and_a_new_request_is_admitted_at_once(multi_engin
 def test_a_failed_multi_step_fails_its_requests_and_the_engine_serves_on(multi_engine,
                                                                          monkeypatch):
   llm = multi_engine
-  real = llm.runner.execute
+  real = llm.runner.submit
 
-  def flaky(so):
+  def flaky(so, prev=None):
     if so.num_steps > 1:
       raise RuntimeError("injected multi-step failure")
-    return real(so)
+    return real(so, prev)
 
-  monkeypatch.setattr(llm.runner, "execute", flaky)
+  monkeypatch.setattr(llm.runner, "submit", flaky)
   outs = llm.generate(["def ", "The "], SamplingParams(max_tokens=12, temperature=0.0))
   assert all(o.outputs[0].finish_reason == "error" and "injected" in o.error for o in outs)
-  monkeypatch.setattr(llm.runner, "execute", real)
+  monkeypatch.setattr(llm.runner, "submit", real)
   st = llm.memory_stats()
   assert st["num_free_blocks"] == st["num_blocks"]
   assert _serve(llm, REQUESTS[:2]) == _serve(_engine(1), REQUESTS[:2])

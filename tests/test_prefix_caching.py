@@ -244,15 +244,15 @@ def test_a_failed_step_leaves_no_cached_garbage(monkeypatch):
   prompt = SYSTEM + QUESTIONS[2]
   want = _tokens(LLM(num_blocks=64, enable_prefix_caching=False).generate(prompt, GREEDY))
   llm = LLM(num_blocks=64)
-  real = llm.runner.execute
+  real = llm.runner.submit
 
-  def fail(so):
+  def fail(so, prev=None):
     raise RuntimeError("injected device failure")
 
-  monkeypatch.setattr(llm.runner, "execute", fail)
+  monkeypatch.setattr(llm.runner, "submit", fail)
   out = llm.generate(prompt, GREEDY)[0]
   assert out.outputs[0].finish_reason == "error"
   assert llm.memory_stats()["num_cached_blocks"] == 0  # the blocks it was to fill
-  monkeypatch.setattr(llm.runner, "execute", real)
+  monkeypatch.setattr(llm.runner, "submit", real)
   assert _tokens(llm.generate(prompt, GREEDY)) == want
   assert llm.memory_stats()["num_free_blocks"] == 64

@@ -204,24 +204,24 @@ def test_bad_prompt_forms_are_refused_naming_the_type(llm, control, prompt, exc,
 def test_a_failed_device_step_fails_its_requests_and_the_engine_recovers(llm, control,
                                                                         monkeypatch):
   runner = llm.runner
-  real = runner.execute
+  real = runner.submit
   calls = {"n": 0}
 
-  def flaky(so):
+  def flaky(so, prev=None):
     calls["n"] += 1
     if calls["n"] == 3:
       # What a failed donated call leaves behind: the pages are gone.
       runner.kv.k_pages.delete()
       raise RuntimeError("injected device failure")
-    return real(so)
+    return real(so, prev)
 
-  monkeypatch.setattr(runner, "execute", flaky)
+  monkeypatch.setattr(runner, "submit", flaky)
   outs = llm.generate(["def ", "A class "], SamplingParams(max_tokens=8, temperature=0.0))
   assert all(o.finished for o in outs)
   assert [o.outputs[0].finish_reason for o in outs] == ["error", "error"]
   assert all("injected device failure" in o.error for o in outs)
   assert llm.memory_stats()["num_failed_steps"] >= 1
-  monkeypatch.setattr(runner, "execute", real)
+  monkeypatch.setattr(runner, "submit", real)
   _still_serves(llm, control)
 
 

@@ -83,6 +83,9 @@ class ScheduledSeq:
       prompt (forked after the step), (sample_index,) otherwise.
     num_steps: decode steps this sequence runs in a multi-step (1 otherwise); its table
       holds the slots of all of them.
+    feed_row: async scheduling: the sample row of the step scheduled before this one
+      (still running when this one was scheduled) whose token this decode feeds; -1:
+      none. Until that step's results are applied, token_ids holds a placeholder.
   """
 
   seq: Sequence
@@ -92,6 +95,7 @@ class ScheduledSeq:
   block_table: list[int]
   sample_indices: tuple[int, ...]
   num_steps: int = 1
+  feed_row: int = -1
 
 
 @dataclasses.dataclass
@@ -209,6 +213,7 @@ class Scheduler:
     self.num_preemptions = {"recompute": 0, "swap": 0}
     self.num_blocks_swapped = {"out": 0, "in": 0}
     self._hits: dict = {}  # seq id -> CachedPrefix, of the latest _chunk_plan
+    self._feeds: dict[int, int] = {}  # seq id -> fed sample row, while scheduling ahead
 
   # ---------------------------------------------------------------- queues
   def add(self, group: SequenceGroup) -> None:
@@ -257,21 +262,42 @@ class Scheduler:
     return sum(g.num_seats for g in self.running)
 
   # ------------------------------------------------------------- scheduling
-  def schedule(self) -> SchedulerOutput:
+  def schedule(self, ahead_of: SchedulerOutput | None = None) -> SchedulerOutput | None:
+    """The next step (see the module docstring).
+
+    ahead_of: async scheduling: a step whose results are not back yet (its device
+      program is running). The step returned runs after it, each sequence that samples
+      in `ahead_of` decoding the token drawn there (`ScheduledSeq.feed_row`; the token
+      reaches the device without the host). Returns None when the next step cannot be
+      scheduled this way: beams or a fresh n > 1 prompt (they fork on the host), a
+      multi-step engine, or too few free blocks without preempting; the caller then
+      applies `ahead_of`'s results and schedules normally.
+    """
     self.bm.newly_cached = []
-    out = self._schedule_multi_step()
-    if out is not None:
-      return out
+    skip: set[int] = set()
+    if ahead_of is None:
+      self._feeds = {}
+      out = self._schedule_multi_step()
+      if out is not None:
+        return out
+    else:
+      ahead = self._feeds_of(ahead_of)
+      if ahead is None:
+        return None
+      self._feeds, skip = ahead
     out = SchedulerOutput()
     for group in self.running:  # before counting decodes: this can make a group decode-ready
       self._fork_waiting_prefixes(group)
-    ready = {id(g) for g in self.running if g.is_decode_ready()}  # decode this step
+    ready = {id(g) for g in self.running if id(g) not in skip and self._decode_ready(g)}
     decode_tokens = sum(len(g.live_seqs) for g in self.running if id(g) in ready)
     budget = self.max_num_batched_tokens - decode_tokens  # what prefill chunks may use
-    queue = collections.deque(self.running)
+    queue = collections.deque(g for g in self.running if id(g) not in skip)
+    if ahead_of is not None and self._running_need(queue, ready, budget) > self.bm.num_free_blocks:
+      return None  # preemption decides on known tokens: after ahead_of's results
     scheduled: list[SequenceGroup] = []
     chunks: list[ScheduledSeq] = []
     decodes: list[ScheduledSeq] = []
+    short = False  # (async) a group did not fit after all: schedule no more
     while queue:
       group = queue.popleft()
       decode = id(group) in ready
@@ -280,6 +306,9 @@ class Scheduler:
       else:
         plan = self._chunk_plan(group, budget)
       need = self._blocks_needed(plan)
+      if ahead_of is not None and need > self.bm.num_free_blocks:
+        short = True
+        break
       while need > self.bm.num_free_blocks:
         victim = queue.pop() if queue else group
         self._preempt(victim, out)
@@ -296,12 +325,62 @@ class Scheduler:
     placed = {id(g) for g in scheduled} | {id(g) for g in out.preempted}
     self.running = scheduled + [g for g in self.running if id(g) not in placed]
     self.running.sort(key=lambda g: g.arrival)
-    if not out.preempted:
+    if not out.preempted and not short:
       budget = self._admit(out, budget, decodes, chunks)
+    self._feeds = {}
     out.seqs = decodes + chunks
     out.num_batched_tokens = sum(len(s.token_ids) for s in out.seqs)
     out.cached_blocks, self.bm.newly_cached = self.bm.newly_cached, []
+    if ahead_of is not None and not out.seqs and not out.swap_in:
+      return None
     return out
+
+  def _feeds_of(self, ahead_of: SchedulerOutput) -> tuple[dict[int, int], set[int]] | None:
+    """For a step scheduled ahead of `ahead_of`: {seq id: sample row} of the sequences
+    whose next token is in flight, and the groups (ids) that this token ends by length
+    (they are not scheduled again); None when the step cannot be scheduled ahead.
+    Marks `ahead_of`'s tokens computed (as its results will)."""
+    if self.num_scheduler_steps > 1 or ahead_of.num_steps > 1 or not ahead_of.seqs:
+      return None
+    if any(g.params.use_beam_search for g in self.running):
+      return None
+    feeds: dict[int, int] = {}
+    skip: set[int] = set()
+    r = 0
+    for s in ahead_of.seqs:
+      if len(s.sample_indices) > 1:
+        return None  # a fresh n > 1 prompt: its samples fork on the host
+      seq = s.seq
+      seq.num_computed_tokens = s.start + len(s.token_ids)
+      if s.sample_indices:
+        if not seq.is_finished:
+          feeds[seq.seq_id] = r
+          if (len(seq.output_token_ids) + 1 >= s.group.params.max_tokens
+              or seq.num_tokens + 1 >= self.max_model_len):
+            skip.add(id(s.group))  # the token in flight is its last
+        r += 1
+    return feeds, skip
+
+  def _decode_ready(self, group: SequenceGroup) -> bool:
+    """Decode-ready, counting a token in flight (async scheduling) as known."""
+    if group.is_decode_ready():
+      return True
+    live = group.live_seqs
+    return bool(live) and all(s.seq_id in self._feeds and s.num_computed_tokens == s.num_tokens
+                              for s in live)
+
+  def _running_need(self, groups, ready: set[int], budget: int) -> int:
+    """Free blocks the running groups take this step (decodes, then chunks within the
+    budget, as the scheduling loop plans them)."""
+    bm = self.bm
+    need = bm.blocks_to_append_all((s.seq_id, 1) for g in groups if id(g) in ready
+                                   for s in g.live_seqs)
+    for g in groups:
+      if id(g) not in ready:
+        plan = self._chunk_plan(g, budget)
+        need += self._blocks_needed(plan)
+        budget -= sum(n for _, n in plan)
+    return need
 
   def _schedule_multi_step(self) -> SchedulerOutput | None:
     """A multi-step decode of every running sequence, or None when this step is not one
@@ -405,7 +484,13 @@ class Scheduler:
           out.cow.append(op)
       start = seq.num_computed_tokens
       end = start + n
-      self.bm.cache_full_blocks(seq.seq_id, seq.token_slice)
+      # Only blocks of known tokens: a fed decode's token is hashed once it arrives.
+      self.bm.cache_full_blocks(seq.seq_id, seq.token_slice, upto=seq.num_tokens)
+      feed_row = self._feeds.get(seq.seq_id, -1)
+      if feed_row >= 0:
+        rows.append(ScheduledSeq(seq, group, start, [0], self.bm.block_table(seq.seq_id),
+                                 (seq.sample_index,), feed_row=feed_row))
+        continue
       if end < seq.num_tokens:
         samples: tuple[int, ...] = ()
       elif not group.forked and group.width > 1 and not group.params.use_beam_search:
@@ -541,8 +626,8 @@ class Scheduler:
   # ---------------------------------------------------------- after a step
   def update_from_output(self, out: SchedulerOutput, result: StepResult, *,
                          on_error: Callable[[SequenceGroup, Exception], None],
-                         after_token: Callable[[SequenceGroup], None] | None = None
-                         ) -> list[SequenceGroup]:
+                         after_token: Callable[[SequenceGroup], None] | None = None,
+                         ahead: SchedulerOutput | None = None) -> list[SequenceGroup]:
     """Applies a step's results; returns the groups it advanced.
 
     Each group is processed on its own: an exception while appending, forking or
@@ -550,9 +635,31 @@ class Scheduler:
     (`on_error(group, exc)`, after its blocks are freed) and leaves the others untouched.
     `after_token(group)` runs after each new token of the group's sequences (once per
     inner step of a multi-step decode): the engine's stop strings, which may end them.
+    Rows of sequences that finished since the step was scheduled (a stop found while it
+    ran ahead, an abort) are dropped. `ahead`: the step scheduled ahead of this one
+    (`schedule(ahead_of=out)`), already running: its fed decodes learn their tokens here,
+    and the blocks those tokens fill enter the prefix cache (as `ahead`'s blocks).
     """
     if out.num_steps > 1:
-      return self._update_multi_step(out, result, on_error, after_token)
+      groups = self._update_multi_step(out, result, on_error, after_token)
+    else:
+      groups = self._update_single_step(out, result, on_error, after_token)
+    if ahead is not None:
+      self._learn_fed_tokens(ahead)
+    return groups
+
+  def _learn_fed_tokens(self, ahead: SchedulerOutput) -> None:
+    self.bm.newly_cached = []
+    for s in ahead.seqs:
+      if s.feed_row >= 0 and not s.seq.is_finished:
+        seq = s.seq
+        s.token_ids = [seq.output_token_ids[-1]]
+        self.bm.cache_full_blocks(seq.seq_id, seq.token_slice, upto=s.start + 1)
+    ahead.cached_blocks += self.bm.newly_cached
+    self.bm.newly_cached = []
+
+  def _update_single_step(self, out: SchedulerOutput, result: StepResult, on_error,
+                          after_token) -> list[SequenceGroup]:
     result = result.as_lists()
     rows_of: dict[int, list[tuple[ScheduledSeq, int]]] = {}
     groups: dict[int, SequenceGroup] = {}
@@ -561,11 +668,13 @@ class Scheduler:
       s.seq.num_computed_tokens = s.start + len(s.token_ids)
       groups[id(s.group)] = s.group
       for j in s.sample_indices:
-        rows_of.setdefault(id(s.group), []).append((s, r))
+        if not s.seq.is_finished:
+          rows_of.setdefault(id(s.group), []).append((s, r))
         r += 1
+    # Groups that ended since the step was scheduled (aborted; stopped while it ran
+    # ahead) have nothing to apply, and are not reported again.
+    groups = {gid: g for gid, g in groups.items() if not g.is_finished}
     for gid, group in groups.items():
-      if group.is_finished:  # e.g. aborted between schedule and update
-        continue
       try:
         rows = rows_of.get(gid)
         if rows:

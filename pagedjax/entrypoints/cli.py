@@ -63,7 +63,7 @@ def _build_llm(config: ml_collections.ConfigDict) -> LLM:
              kv_cache_dtype=e.kv_cache_dtype, swap_dtype=e.swap_dtype, async_swap=e.async_swap,
              kv_cache_memory_mb=e.kv_cache_memory_mb, seed=e.seed,
              tensor_parallel_size=e.tensor_parallel_size,
-             num_scheduler_steps=e.num_scheduler_steps)
+             num_scheduler_steps=e.num_scheduler_steps, async_scheduling=e.async_scheduling)
 
 
 def init_distributed(config: ml_collections.ConfigDict) -> None:

@@ -148,6 +148,13 @@ class LLM:
       steps in one device program, with one round of scheduling and host bookkeeping
       (1: every decode step is scheduled). Same tokens; streamed outputs then arrive up
       to this many tokens at a time.
+    async_scheduling: vLLM's async scheduling: each step is scheduled and dispatched
+      while the step before it still runs on the device (its sampled tokens feed the new
+      step on the device), and the host applies the earlier step's results meanwhile, so
+      scheduling and output bookkeeping overlap the device step. Same tokens; a request
+      that stops wastes at most one step's row. Falls back to a scheduled-after-results
+      step when beams or a fresh n > 1 prompt must fork on the host, under block
+      pressure (preemption decides on known tokens) and with num_scheduler_steps > 1.
   """
 
   def __init__(self, model: str | None = None, *, max_model_len: int | None = None,
@@ -160,13 +167,15 @@ class LLM:
                async_swap: bool = True, kv_cache_memory_mb: float = 64.0, seed: int = 0,
                skip_tokenizer_init: bool = False, kv_reservation: str | None = None,
                tensor_parallel_size: int = 1, mesh: jax.sharding.Mesh | None = None,
-               num_scheduler_steps: int = 1):
+               num_scheduler_steps: int = 1, async_scheduling: bool = True):
     _check_choice("attention_impl", attention_impl, ATTENTION_IMPLS)
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("kv_cache_dtype", kv_cache_dtype, tuple(KV_CACHE_DTYPES))
     _check_choice("swap_dtype", swap_dtype, tuple(SWAP_DTYPES))
     if not isinstance(async_swap, bool):
       raise TypeError(f"async_swap must be a bool, got {async_swap!r}")
+    if not isinstance(async_scheduling, bool):
+      raise TypeError(f"async_scheduling must be a bool, got {async_scheduling!r}")
     if kv_cache_dtype in ("int8", "fp8") and swap_dtype not in ("auto", kv_cache_dtype):
       raise ValueError(f"a {kv_cache_dtype} KV cache swaps as {kv_cache_dtype}; swap_dtype must be "
                        f"'auto' or {kv_cache_dtype!r}, got {swap_dtype!r}")
@@ -243,6 +252,9 @@ class LLM:
                                enable_chunked_prefill=enable_chunked_prefill,
                                reservation=kv_reservation,
                                num_scheduler_steps=num_scheduler_steps)
+    self.async_scheduling = async_scheduling
+    # Async scheduling: the step dispatched but not yet applied, and its device handle.
+    self._inflight: tuple | None = None
     self._request_counter = itertools.count()
     self._arrivals = itertools.count()
     self._seed_rng = np.random.default_rng(seed)
@@ -251,7 +263,7 @@ class LLM:
     self._pending: dict[str, RequestOutput] = {}
     self._peak = {"used_blocks": 0, "waste_pct": 0.0}
     self._stats = {"num_steps": 0, "num_prefill_steps": 0, "num_decode_steps": 0,
-                   "num_multi_steps": 0,
+                   "num_multi_steps": 0, "num_ahead_steps": 0,
                    "num_generated_tokens": 0, "num_prefill_tokens": 0,
                    "num_batched_tokens": 0, "num_failed_requests": 0,
                    "num_failed_steps": 0, "step_time_s": 0.0, "device_time_s": 0.0}
@@ -404,27 +416,22 @@ class LLM:
     pending = list(self._pending.values())
     self._pending.clear()
     if not self.scheduler.has_unfinished():
+      self._inflight = None  # a step ahead of requests that all ended (its rows are moot)
       return pending
     return pending + [self._output(g) for g in self._step()]
 
   def _step(self) -> list[SequenceGroup]:
     """One engine step; returns the groups it advanced or failed."""
+    if self.async_scheduling:
+      return self._step_async()
     start = time.perf_counter()
-    so = self.scheduler.schedule()
-    if not so.seqs and not so.swap_out and not so.swap_in and self.scheduler.has_unfinished():
-      # Every request fits the cache alone (checked at add), so an empty step with work
-      # left is a scheduler bug: say so instead of spinning.
-      raise RuntimeError(f"the scheduler made no progress: {len(self.scheduler.waiting)} "
-                         f"waiting, {len(self.scheduler.running)} running, "
-                         f"{len(self.scheduler.swapped)} swapped")
+    so = self._schedule()
     failed: list[SequenceGroup] = []
+    out = None
     try:
-      self.runner.copy_blocks(so)
-      out = None
-      if so.seqs:
-        t0 = time.perf_counter()
-        out = self.runner.execute(so)
-        self._stats["device_time_s"] += time.perf_counter() - t0
+      handle = self._submit(so)
+      if handle is not None:
+        out = self._fetch(so, handle)
     except Exception as e:  # noqa: BLE001  (the engine must survive a failed step)
       failed = self._recover(so, e)
       out = None
@@ -433,7 +440,106 @@ class LLM:
       groups = self.scheduler.update_from_output(so, StepResult(*out), on_error=self._failed,
                                                  after_token=self._check_stop_strings)
     self._account(so, start)
-    touched = {g.request_id: g for g in groups + failed}
+    return self._touched(groups + failed)
+
+  def _step_async(self) -> list[SequenceGroup]:
+    """One step under async scheduling: completes the step in flight (dispatching the
+    first if none is), after scheduling and dispatching the next one behind it."""
+    start = time.perf_counter()
+    failed: list[SequenceGroup] = []
+    if self._inflight is None:
+      so = self._schedule()
+      try:
+        handle = self._submit(so)
+      except Exception as e:  # noqa: BLE001
+        failed = self._recover(so, e)
+        self._account(so, start)
+        return self._touched(failed)
+      if handle is None:  # block copies only
+        self._account(so, start)
+        return []
+    else:
+      so, handle = self._inflight
+      self._inflight = None
+    # The next step, scheduled and dispatched while this one runs.
+    nxt = self.scheduler.schedule(ahead_of=so)
+    nxt_handle, nxt_error = None, None
+    if nxt is not None:
+      try:
+        nxt_handle = self._submit(nxt, handle)
+        self._stats["num_ahead_steps"] += 1
+      except Exception as e:  # noqa: BLE001  (handled after this step's results)
+        nxt_error = e
+    groups: list[SequenceGroup] = []
+    try:
+      out = self._fetch(so, handle)
+    except Exception as e:  # noqa: BLE001
+      failed = self._recover(so, e)
+      if nxt is not None:
+        self._discard(nxt, nxt_handle)
+        nxt = None
+    else:
+      # Rows of sequences that ended while this step ran ahead of their stop: dropped.
+      moot = sum(len(s.sample_indices) for s in so.seqs if s.seq.is_finished)
+      groups = self.scheduler.update_from_output(
+          so, StepResult(*out), on_error=self._failed, after_token=self._check_stop_strings,
+          ahead=None if nxt_handle is None else nxt)
+      if nxt_error is not None:
+        failed = self._recover(nxt, nxt_error)
+      elif nxt is not None and self.scheduler.has_unfinished():
+        self._inflight = (nxt, nxt_handle)  # (else every request it served has ended)
+      self._stats["num_generated_tokens"] -= moot
+    self._account(so, start)
+    return self._touched(groups + failed)
+
+  def _schedule(self):
+    so = self.scheduler.schedule()
+    if not so.seqs and not so.swap_out and not so.swap_in and self.scheduler.has_unfinished():
+      # Every request fits the cache alone (checked at add), so an empty step with work
+      # left is a scheduler bug: say so instead of spinning.
+      raise RuntimeError(f"the scheduler made no progress: {len(self.scheduler.waiting)} "
+                         f"waiting, {len(self.scheduler.running)} running, "
+                         f"{len(self.scheduler.swapped)} swapped")
+    return so
+
+  def _submit(self, so, prev=None):
+    """Block copies, then the step's dispatch (None when it has no sequences)."""
+    self.runner.copy_blocks(so)
+    if not so.seqs:
+      return None
+    t0 = time.perf_counter()
+    handle = self.runner.submit(so, prev)
+    self._stats["device_time_s"] += time.perf_counter() - t0
+    return handle
+
+  def _fetch(self, so, handle):
+    t0 = time.perf_counter()
+    try:
+      return self.runner.fetch(so, handle)
+    finally:
+      self._stats["device_time_s"] += time.perf_counter() - t0
+
+  def _discard(self, so, handle) -> None:
+    """Drops a step scheduled ahead of one that failed (its fed tokens are lost): its
+    requests not failed with that step are computed again, unchanged (recompute)."""
+    self.bm.uncache(so.cached_blocks)
+    if handle is not None:
+      try:
+        self.runner.fetch(so, handle)
+      except Exception:  # noqa: BLE001  (its pages are then reported lost)
+        pass
+    lost_device, lost_host = self.runner.state_is_lost()
+    self.runner.reset(device=lost_device, host=lost_host)
+    for group in so.groups:
+      if not group.is_finished:
+        self.scheduler.recompute(group)
+    if lost_device:
+      self.bm.reset_prefix_cache()
+      for group in list(self.scheduler.running):
+        self.scheduler.recompute(group)
+
+  def _touched(self, groups: list[SequenceGroup]) -> list[SequenceGroup]:
+    touched = {g.request_id: g for g in groups}
     for rid, g in touched.items():
       if g.is_finished:
         self._groups.pop(rid, None)

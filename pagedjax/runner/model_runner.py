@@ -36,6 +36,7 @@ from pagedjax.runner import step as step_lib
 from pagedjax.runner.attention import IMPLS, ROW_IMPLS, TILE_SIZE, AttentionMetadata
 
 MAX_BANNED = 8      # banned ids per sample row (min_tokens: stop ids + EOS)
+MIN_FEED_WIDTH = 64  # StepBatch.prev_tokens width: engines up to 64 sequences share programs
 POOL_GRANULE = 64   # device / host page arrays are padded to a multiple of this
 _MIN_TOKEN_BUCKET = 8
 
@@ -114,6 +115,10 @@ class ModelRunner:
                                               hidden_dim=cfg.hidden_dim, num_devices=tp)
     self.impl = attention_impl
     self.max_num_seqs = max_num_seqs
+    # Width of the tokens a step hands the next one on the device (async scheduling):
+    # at least every sample row (a step draws at most pow2(max_num_seqs) rows).
+    self.feed_width = max(MIN_FEED_WIDTH, next_power_of_two(max_num_seqs))
+    self._no_feed = np.zeros(self.feed_width, np.int32)
     self.num_scheduler_steps = num_scheduler_steps
     self.dtype = jnp.dtype(dtype)
     self.kv_cache_dtype = self.dtype if kv_cache_dtype is None else jnp.dtype(kv_cache_dtype)
@@ -228,15 +233,39 @@ class ModelRunner:
 
   # ------------------------------------------------------------------- step
   def execute(self, so):
-    """Runs one scheduled step; returns (tokens, logprobs, ranks, top_ids, top_logprobs)
-    as numpy arrays, each with a leading [so.num_steps] axis when the step is a
-    multi-step decode."""
+    """Runs one scheduled step and waits for it: `fetch(so, submit(so))`."""
+    return self.fetch(so, self.submit(so))
+
+  def submit(self, so, prev=None):
+    """Dispatches one scheduled step and returns at once, with its outputs still on the
+    device (a handle for `fetch`, and `prev` of a step scheduled after it).
+
+    prev: the handle of the step dispatched just before, for a step scheduled while that
+      one ran (async scheduling): each sequence with `feed_row` >= 0 feeds that row's
+      sampled token, taken on the device (its token_ids entry is a placeholder).
+    """
     batch, samp, key = self.prepare(so)
+    if prev is not None:
+      batch = batch.replace(prev_tokens=prev[1])
     if so.num_steps == 1:
       return self._run(batch, samp, key)
     ms = self._multi_step_batch(so, batch.token_ids.shape[0], samp.row_index.shape[0])
-    out = self._run(batch, samp, (*key, "steps", self.num_scheduler_steps), ms)
-    return tuple(x[:so.num_steps] for x in out)
+    return self._run(batch, samp, (*key, "steps", self.num_scheduler_steps), ms)
+
+  def fetch(self, so, handle):
+    """Waits for a submitted step; returns (tokens, logprobs, ranks, top_ids,
+    top_logprobs) as numpy arrays, each with a leading [so.num_steps] axis when the step
+    is a multi-step decode. A device failure raises here; the pages it left are then
+    deleted, so that `state_is_lost` reports them."""
+    try:
+      out = jax.device_get(handle[0])
+    except Exception:
+      try:
+        _wait_or_delete(self.kv)
+      except Exception:  # noqa: BLE001  (the step's own error is the one to raise)
+        pass
+      raise
+    return out if so.num_steps == 1 else tuple(x[:so.num_steps] for x in out)
 
   def _run(self, batch, samp, key, ms=None):
     if key not in self.programs:
@@ -245,11 +274,11 @@ class ModelRunner:
     common = dict(graphdef=self._static_graph, impl=self.impl, vocab_size=self.vocab_size,
                   mesh=self.mesh)
     if ms is None:
-      self.kv, out = step_lib.step(self._params, self.kv, batch, samp, **common)
-    else:
-      self.kv, out = step_lib.multi_step(self._params, self.kv, batch, samp, ms,
-                                         max_steps=self.num_scheduler_steps, **common)
-    return jax.device_get(out)
+      self.kv, out, feed = step_lib.step(self._params, self.kv, batch, samp, **common)
+      return out, feed
+    self.kv, out = step_lib.multi_step(self._params, self.kv, batch, samp, ms,
+                                       max_steps=self.num_scheduler_steps, **common)
+    return out, None
 
   def _multi_step_batch(self, so, t_cap: int, r_cap: int) -> step_lib.MultiStepBatch:
     """MultiStepBatch of a decode-only step: sequence i is token row i and sample row i."""
@@ -296,23 +325,31 @@ class ModelRunner:
     positions[:num_tokens] = pos
     slots = np.full(t_cap, -1, np.int32)
     slots[:num_tokens] = tables[seq_of_token, pos // bs] * bs + pos % bs
+    feed_index = np.full(t_cap, -1, np.int32)
+    for i, s in enumerate(seqs):
+      if s.feed_row >= 0:
+        feed_index[cu[i]] = s.feed_row
 
+    # Decode rows: one-token entries that sample (a one-token chunk in mid-prompt, left by
+    # the budget, is a tile: decode rows are padded to the sample-row bucket).
+    is_decode = (lens == 1) & np.fromiter((bool(s.sample_indices) for s in seqs), bool, len(seqs))
     r_cap = self._row_bucket(sum(len(s.sample_indices) for s in seqs), t_cap,
-                             bool((lens > 1).any()))
+                             bool((~is_decode).any()))
     samp, logits_index = self._sampling(seqs, cu, r_cap)
-    attn, attn_key = (self._tiles(lens, starts, cu, tables, t_cap, r_cap) if self.impl in ROW_IMPLS
-                      else self._ragged(lens, starts, cu, tables))
-    batch = step_lib.StepBatch(tokens, positions, slots, attn, logits_index)
+    attn, attn_key = (self._tiles(lens, starts, cu, tables, t_cap, r_cap, is_decode)
+                      if self.impl in ROW_IMPLS else self._ragged(lens, starts, cu, tables))
+    batch = step_lib.StepBatch(tokens, positions, slots, attn, logits_index, feed_index,
+                               self._no_feed)
     return batch, samp, (t_cap, r_cap, *attn_key)
 
-  def _tiles(self, lens, starts, cu, tables, t_cap, r_cap):
+  def _tiles(self, lens, starts, cu, tables, t_cap, r_cap, is_decode):
     """AttentionMetadata for the xla path: decode rows and prefill tiles of TILE_SIZE.
 
     Decode rows are padded to the sample-row bucket r_cap (every decode samples, so
     there are at most that many): one bucket fewer to compile, at the cost of a few
     padded rows, which attend to nothing.
     """
-    dec = np.flatnonzero(lens == 1)
+    dec = np.flatnonzero(is_decode)
     sd = r_cap if len(dec) else 0
     dec_index = np.full(sd, t_cap, np.int32)
     dec_index[:len(dec)] = cu[dec]
@@ -321,7 +358,7 @@ class ModelRunner:
     dec_tables = np.zeros((sd, tables.shape[1]), np.int32)
     dec_tables[:len(dec)] = tables[dec]
 
-    pre = np.flatnonzero(lens > 1)
+    pre = np.flatnonzero(~is_decode)
     per_seq = ceil_div(lens[pre], TILE_SIZE)  # tiles per prefill sequence (numpy ints)
     # At least t_cap / TILE_SIZE tiles: the usual count for that many tokens, so a token
     # bucket rarely needs a second tile bucket (fewer programs under varying load).
@@ -384,7 +421,8 @@ class ModelRunner:
         last_seq = i
         logits_index[logits_row] = cu[i + 1] - 1
       d = s.group.device_sampling
-      num_out = len(s.seq.output_token_ids)
+      # A fed decode's own token is still in flight: it draws output position num_out + 1.
+      num_out = len(s.seq.output_token_ids) + (s.feed_row >= 0)
       row_index[r] = logits_row
       seeds[r] = d.seed_words
       sample_indices[r] = j
@@ -445,7 +483,8 @@ class ModelRunner:
           tile_positions=np.full((np_, TILE_SIZE), -1, np.int32))
       zeros_t = np.zeros(t_cap, np.int32)
       batch = step_lib.StepBatch(zeros_t, zeros_t, np.full(t_cap, -1, np.int32), meta,
-                                 np.zeros(r_cap, np.int32))
+                                 np.zeros(r_cap, np.int32), np.full(t_cap, -1, np.int32),
+                                 self._no_feed)
       r0 = np.zeros(r_cap, np.int32)
       samp = step_lib.SamplingBatch(r0, np.zeros((r_cap, 2), np.uint32), r0, r0,
                                     np.zeros(r_cap, np.float32), r0, np.ones(r_cap, np.float32),

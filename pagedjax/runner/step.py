@@ -69,6 +69,10 @@ class StepBatch:
     attn: where each token sits (AttentionMetadata for the impl).
     logits_index: i32[R] token rows whose logits are computed (last token of each
       sequence that samples; padding repeats row 0).
+    feed_index: i32[T] async scheduling: the sample row of the step before this one
+      whose token this token row feeds (its token_ids entry is a placeholder); -1: none.
+    prev_tokens: i32[F] the step before's sampled tokens (its `feed_tokens`, still on
+      the device: the host never waited for them), or zeros when nothing is fed.
   """
 
   token_ids: jax.Array  # [T]
@@ -76,6 +80,8 @@ class StepBatch:
   slot_mapping: jax.Array  # [T]
   attn: AttentionMetadata
   logits_index: jax.Array  # [R]
+  feed_index: jax.Array  # [T]
+  prev_tokens: jax.Array  # [F]
 
 
 @flax.struct.dataclass
@@ -124,6 +130,19 @@ class MultiStepBatch:
   row_steps: jax.Array  # [T]
   row_tables: jax.Array  # [T, P]
   feed_index: jax.Array  # [R]
+
+
+def _fed(batch: StepBatch) -> StepBatch:
+  """The batch with each fed token row's placeholder replaced by the previous step's token."""
+  fed = batch.prev_tokens[jnp.maximum(batch.feed_index, 0)]
+  return batch.replace(token_ids=jnp.where(batch.feed_index >= 0, fed, batch.token_ids))
+
+
+def _feed_tokens(tokens: jax.Array, width: int) -> jax.Array:
+  """A step's sampled tokens [R] padded to the fixed width F of `prev_tokens`, so that
+  the next step's program does not depend on this step's row bucket."""
+  return jnp.zeros(width, jnp.int32).at[:tokens.shape[0]].set(tokens.astype(jnp.int32),
+                                                              mode="drop")
 
 
 def _forward_and_sample(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl,
@@ -175,11 +194,14 @@ def step(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl, v
       the replicated logits.
 
   Returns:
-    (new KVCache, (tokens [R], logprobs [R], ranks [R], top_ids [R, N], top_logprobs [R, N])).
+    (new KVCache, (tokens [R], logprobs [R], ranks [R], top_ids [R, N], top_logprobs [R, N]),
+    feed_tokens [F]: the tokens again, padded to prev_tokens' width, for a next step
+    scheduled before they reach the host: its `prev_tokens`).
   """
   TRACES["step"] += 1  # runs once per trace, i.e. per compiled program
-  return _forward_and_sample(params, kv, batch, samp, graphdef=graphdef, impl=impl,
-                             vocab_size=vocab_size, mesh=mesh)
+  kv, out = _forward_and_sample(params, kv, _fed(batch), samp, graphdef=graphdef, impl=impl,
+                                vocab_size=vocab_size, mesh=mesh)
+  return kv, out, _feed_tokens(out[0], batch.prev_tokens.shape[0])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl", "vocab_size", "mesh",
@@ -206,6 +228,7 @@ def multi_step(params, kv, batch: StepBatch, samp: SamplingBatch, ms: MultiStepB
     past ms.num_steps are zeros).
   """
   TRACES["step"] += 1
+  batch = _fed(batch)
   t = batch.token_ids.shape[0]
   rows = jnp.arange(t)
   block_size = kv.k_pages.shape[-2]
