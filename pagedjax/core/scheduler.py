@@ -288,11 +288,13 @@ class Scheduler:
     out = SchedulerOutput()
     for group in self.running:  # before counting decodes: this can make a group decode-ready
       self._fork_waiting_prefixes(group)
-    ready = {id(g) for g in self.running if id(g) not in skip and self._decode_ready(g)}
-    decode_tokens = sum(len(g.live_seqs) for g in self.running if id(g) in ready)
+    live = {id(g): g.live_seqs for g in self.running}
+    ready = {id(g) for g in self.running if id(g) not in skip and self._decode_ready(live[id(g)])}
+    decode_tokens = sum(len(live[gid]) for gid in ready)
     budget = self.max_num_batched_tokens - decode_tokens  # what prefill chunks may use
     queue = collections.deque(g for g in self.running if id(g) not in skip)
-    if ahead_of is not None and self._running_need(queue, ready, budget) > self.bm.num_free_blocks:
+    if ahead_of is not None and self._running_need(queue, ready, budget, live) > \
+        self.bm.num_free_blocks:
       return None  # preemption decides on known tokens: after ahead_of's results
     scheduled: list[SequenceGroup] = []
     chunks: list[ScheduledSeq] = []
@@ -302,7 +304,7 @@ class Scheduler:
       group = queue.popleft()
       decode = id(group) in ready
       if decode:
-        plan = [(s, 1) for s in group.live_seqs]
+        plan = [(s, 1) for s in live[id(group)]]
       else:
         plan = self._chunk_plan(group, budget)
       need = self._blocks_needed(plan)
@@ -361,20 +363,20 @@ class Scheduler:
         r += 1
     return feeds, skip
 
-  def _decode_ready(self, group: SequenceGroup) -> bool:
-    """Decode-ready, counting a token in flight (async scheduling) as known."""
-    if group.is_decode_ready():
-      return True
-    live = group.live_seqs
-    return bool(live) and all(s.seq_id in self._feeds and s.num_computed_tokens == s.num_tokens
-                              for s in live)
+  def _decode_ready(self, live: list[Sequence]) -> bool:
+    """Whether a group (its live sequences) decodes: every sequence has all but its last
+    token cached, counting a token in flight (async scheduling) as known."""
+    feeds = self._feeds
+    return bool(live) and all(
+        s.num_computed_tokens == s.num_tokens - 1
+        or (s.seq_id in feeds and s.num_computed_tokens == s.num_tokens) for s in live)
 
-  def _running_need(self, groups, ready: set[int], budget: int) -> int:
+  def _running_need(self, groups, ready: set[int], budget: int, live: dict) -> int:
     """Free blocks the running groups take this step (decodes, then chunks within the
     budget, as the scheduling loop plans them)."""
     bm = self.bm
     need = bm.blocks_to_append_all((s.seq_id, 1) for g in groups if id(g) in ready
-                                   for s in g.live_seqs)
+                                   for s in live[id(g)])
     for g in groups:
       if id(g) not in ready:
         plan = self._chunk_plan(g, budget)
@@ -426,6 +428,8 @@ class Scheduler:
     """Free device blocks a plan takes: appends of resident sequences, and allocations
     (past any prefix-cache hit) of sequences without blocks."""
     bm = self.bm
+    if len(plan) == 1 and bm.has_seq(plan[0][0].seq_id):  # most groups: one sequence
+      return bm.blocks_to_append(plan[0][0].seq_id, plan[0][1])
     resident = [(s.seq_id, n) for s, n in plan if bm.has_seq(s.seq_id)]
     need = bm.blocks_to_append_all(resident) if resident else 0
     for s, n in plan:
