@@ -402,6 +402,14 @@ def steady_decode(
     if phase == "split":
       targets += [(llm.scheduler, "schedule", False), (llm.runner, "prepare", False)]
     times, flops, contexts, splits = [], [], [], []
+    # The matmul yardstick is sampled beside the steps. With async scheduling a step runs
+    # on while the host does anything between two step() calls, so steps are timed in
+    # windows of WINDOW consecutive calls; then the device is drained, the yardstick
+    # sampled, and the next call (its step ran during the drain) is not timed.
+    pipelined = phase == "plain" and async_scheduling and num_scheduler_steps == 1
+    window = 4 if pipelined else 1
+    win = {"t": 0.0, "flops": 0.0, "n": 0}
+    skip_next = False
     with _timing(acc, targets):
       while llm.has_unfinished_requests():
         acc.clear()
@@ -415,17 +423,28 @@ def steady_decode(
         # Steady state: decode-only steps with every row of the batch live.
         if (k == num_scheduler_steps and b.attn.tile_token_index.shape[0] == 0
             and len(_live_decode_rows(b)) == batch):
-          times.append(dt / k)
-          flops.append(_decode_flops(b, fl, k) / k)
+          if skip_next:
+            skip_next = False
+            continue
           contexts.append(float((_live_decode_rows(b) + 1).mean()))
           splits.append(dict(acc, total=dt))
+          win["t"] += dt
+          win["flops"] += _decode_flops(b, fl, k)
+          win["n"] += k
+          if win["n"] < window * k:
+            continue
+          times.append(win["t"] / win["n"])
+          flops.append(win["flops"] / win["n"])
+          win.update(t=0.0, flops=0.0, n=0)
           if phase == "plain":
-            yard.sample()  # the matmul rate at the step's shape, beside the step
+            jax.block_until_ready(llm.runner.kv)  # drain: no step runs beside the yardstick
+            yard.sample()  # the matmul rate at the step's shape, beside the steps
+            skip_next = pipelined
     llm.runner.prepare, llm.runner.fetch = original_prepare, original_fetch
     if phase == "plain":
       times = np.asarray(times)
       result.update(
-        num_full_decode_steps=len(times),
+        num_full_decode_steps=len(times) * window,
         median_step_s=float(np.median(times)),
         tokens_per_s=float(batch / np.median(times)),
         mean_context=float(np.mean(contexts)),
@@ -537,9 +556,8 @@ def _figure(systems: dict, ratios: dict, steady: dict, path: pathlib.Path) -> No
   ax_s.invert_yaxis()
   ax_s.set_xlabel("ms per decode step (medians)")
   ax_s.set_title(
-    f"Steady decode, batch {steady['batch']}, mean context {steady['mean_context']:.0f}: "
-    f"{steady['step_split_s']['total'] * 1e3:.2f} ms/step, "
-    f"{steady['fraction_of_matmul_rate']:.0%} of matmul rate",
+    f"Steady decode, batch {steady['batch']}, mean context {steady['mean_context']:.0f}, "
+    f"scheduled after results: {steady['step_split_s']['total'] * 1e3:.2f} ms/step",
     fontsize=10,
   )
   ax_s.grid(axis="x", alpha=0.3)
@@ -556,7 +574,9 @@ def _figure(systems: dict, ratios: dict, steady: dict, path: pathlib.Path) -> No
                               ("async", single["device_step_synced"], timed),
                               (f"{n} steps", m["step_split_s"]["device_step_synced"] / n,
                                m["median_step_s"])):
-      bars.append((label, dev * 1e3, max(total - dev, 0.0) * 1e3))
+      # (a step shorter than the synchronised device step, whose timing includes the
+      # dispatch and the wake-up: no host time shows)
+      bars.append((label, min(dev, total) * 1e3, max(total - dev, 0.0) * 1e3))
     x = range(len(bars))
     ax.bar(x, [d for _, d, _ in bars], color="tab:blue", label="device (synchronised)")
     ax.bar(x, [h for _, _, h in bars], bottom=[d for _, d, _ in bars], color="tab:orange",

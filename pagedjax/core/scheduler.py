@@ -18,6 +18,12 @@ and the host checks the tokens one step at a time afterwards, discarding those d
 after a stop. Beam search (host-side selection each step) and the step that draws an
 n > 1 prompt's samples (it forks them) are single steps. The tokens are those of N
 single steps.
+With async scheduling (the engine's default), `schedule(ahead_of=step)` plans the next
+step while `step` still runs: each sequence sampling in it decodes the token in flight
+(fed on the device: `ScheduledSeq.feed_row`), as if that token were known; a group whose
+token in flight is its last (by length) is left out, and the step falls back to one
+scheduled after the results (None) for beams, a fresh n > 1 prompt, multi-step engines,
+or when the running groups' blocks would need a preemption.
 It emits a `SchedulerOutput` holding everything the device side needs: per scheduled
 sequence its tokens, first position, block table and which sample streams to draw,
 plus the block copies (swap-out, swap-in, copy-on-write) to run first, in that order.

@@ -1,8 +1,11 @@
 """LLM: the serving engine's API (vLLM's offline `generate` and streaming `add_request` / `step`).
 
 A thin layer: it validates requests at the boundary, tokenizes, and runs each step as
-three calls, `scheduler.schedule()` -> `runner.execute()` -> `scheduler.update_from_output()`,
-then checks stop strings on the text and builds `RequestOutput`s. The scheduler
+three calls, `scheduler.schedule()` -> `runner.submit()` / `runner.fetch()` ->
+`scheduler.update_from_output()`, then checks stop strings on the text and builds
+`RequestOutput`s. With async scheduling (default) the next step is scheduled and
+submitted between a step's submit and its fetch, so that the host's work of one step
+overlaps the device's work of the other. The scheduler
 (pagedjax.core) owns every block decision; the model runner (pagedjax.runner) owns the
 device state and the jitted step.
 
