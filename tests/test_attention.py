@@ -249,7 +249,8 @@ def _metadata(seqs, tables, impl):
   runner = ModelRunner.__new__(ModelRunner)  # only the pure metadata builders are used
   if impl in attention.ROW_IMPLS:
     r_cap = 1 << max(0, (len(seqs) - 1).bit_length())  # >= the decode rows, as in prepare
-    meta, _ = runner._tiles(lens, starts, cu, tables, t_cap, r_cap)
+    # One-token entries are decode rows (they sample, as prepare's decodes do).
+    meta, _ = runner._tiles(lens, starts, cu, tables, t_cap, r_cap, lens == 1)
   else:
     meta, _ = runner._ragged(lens, starts, cu, tables)
   return jax.tree.map(jnp.asarray, meta), t_cap
