@@ -3,6 +3,7 @@ figures must satisfy (no timing asserted). Its own file so that xdist can run it
 the other benchmark tests."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,12 @@ import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
+
+# Long (the suite stays under 10 minutes on a 2-core machine): PAGEDJAX_LONG_TESTS=1.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("PAGEDJAX_LONG_TESTS") != "1",
+    reason="the quick bench.kv_quantization run (~1 min; quantized pools themselves: "
+           "tests/test_kv_quantization.py): PAGEDJAX_LONG_TESTS=1")
 
 from bench import kv_quantization  # noqa: E402
 

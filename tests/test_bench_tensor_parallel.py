@@ -2,10 +2,17 @@
 report's fields and the relations its figures must satisfy (no timing asserted)."""
 
 import json
+import os
 
 import pytest
 
 pytest.importorskip("matplotlib")
+
+# Long (the suite stays under 10 minutes on a 2-core machine): PAGEDJAX_LONG_TESTS=1.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("PAGEDJAX_LONG_TESTS") != "1",
+    reason="the quick bench.tensor_parallel run (~1 min; tensor parallelism itself: "
+           "tests/test_tensor_parallel.py): PAGEDJAX_LONG_TESTS=1")
 
 from bench import tensor_parallel  # noqa: E402
 

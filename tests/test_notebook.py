@@ -5,6 +5,7 @@ output); this test runs it in a fresh kernel from the repository root with nbcli
 keeps nothing: the committed notebook has no outputs.
 """
 
+import os
 import pathlib
 
 import pytest
@@ -13,6 +14,11 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
+
+# Long (the suite stays under 10 minutes on a 2-core machine): PAGEDJAX_LONG_TESTS=1.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("PAGEDJAX_LONG_TESTS") != "1",
+    reason="executing the demo notebook (~30 s): PAGEDJAX_LONG_TESTS=1")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "bench" / "demo_notebook.ipynb"

@@ -178,6 +178,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.skipif(not _LONG, reason="two jax.distributed processes (~1 min): "
+                    "PAGEDJAX_LONG_TESTS=1")
 def test_two_processes_of_four_devices_are_one_engine_of_eight(results, tmp_path):
   port = _free_port()
   procs, outs = [], []
