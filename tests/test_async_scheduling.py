@@ -19,26 +19,14 @@ import numpy as np
 import pytest
 
 from pagedjax import LLM, SamplingParams
-from pagedjax.weights.tokenizer import ByteTokenizer
+from test_multi_step import MAX_MODEL_LEN
+from test_multi_step import REQUESTS as MULTI_STEP_REQUESTS
 
-TOK = ByteTokenizer()
-LONG = ("Assignment statements are used to (re)bind names to values and to modify "
-        "attributes or items of mutable objects. The syntax is as follows: ")
-REQUESTS = [  # every way a request can end, most of them while a step runs ahead
-    ("The Python ", SamplingParams(max_tokens=23, temperature=0.0, ignore_eos=True)),
-    ("def ", SamplingParams(max_tokens=1, temperature=0.0)),
-    ("import ", SamplingParams(max_tokens=2, temperature=0.8, seed=3)),
-    ("class A:", SamplingParams(max_tokens=20, n=2, temperature=1.0, seed=5, logprobs=3)),
-    ("for i in range(", SamplingParams(max_tokens=30, temperature=0.0, stop=["e"],
-                                       min_tokens=5)),
-    ("The try statement ", SamplingParams(max_tokens=35, temperature=0.7, seed=9,
-                                          min_tokens=13, stop_token_ids=[10, 32, 101])),
-    (LONG, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)),  # to the context
-    ("A ", SamplingParams(max_tokens=25, temperature=0.9, top_k=20, top_p=0.9, seed=11)),
-    ("while ", SamplingParams(max_tokens=12, use_beam_search=True, beam_width=2,
-                              temperature=0.0)),
-]
-MAX_MODEL_LEN = len(TOK.encode(LONG)) + 21  # LONG ends by length at the context limit
+# Every way a request can end, most of them while a step runs ahead (multi-step's mix:
+# stops inside a window of steps are stops while a step runs ahead here), and beams.
+REQUESTS = [*MULTI_STEP_REQUESTS,
+            ("while ", SamplingParams(max_tokens=12, use_beam_search=True, beam_width=2,
+                                      temperature=0.0))]
 
 
 def _outputs(outs):
