@@ -531,15 +531,7 @@ class LLM:
         self.runner.fetch(so, handle)
       except Exception:  # noqa: BLE001  (its pages are then reported lost)
         pass
-    lost_device, lost_host = self.runner.state_is_lost()
-    self.runner.reset(device=lost_device, host=lost_host)
-    for group in so.groups:
-      if not group.is_finished:
-        self.scheduler.recompute(group)
-    if lost_device:
-      self.bm.reset_prefix_cache()
-      for group in list(self.scheduler.running):
-        self.scheduler.recompute(group)
+    self._rebuild_lost_state([g for g in so.groups if not g.is_finished])
 
   def _touched(self, groups: list[SequenceGroup]) -> list[SequenceGroup]:
     touched = {g.request_id: g for g in groups}
@@ -551,25 +543,29 @@ class LLM:
   def _recover(self, so, error: Exception) -> list[SequenceGroup]:
     """After a failed device step: fail its requests, rebuild lost state, keep serving."""
     self._stats["num_failed_steps"] += 1
-    lost_device, lost_host = self.runner.state_is_lost()
-    self.runner.reset(device=lost_device, host=lost_host)
-    # Blocks this step was to fill hold no valid K/V; a lost pool holds none at all.
+    # Blocks this step was to fill hold no valid K/V.
     self.bm.uncache(so.cached_blocks)
-    if lost_device:
-      self.bm.reset_prefix_cache()
     failed = so.groups
     for group in failed:
       self.scheduler.finish_group(group, "error")
       self._failed(group, error)
-    # Swap-outs of this step may not have landed; lost pools lose everything they held.
-    redo = [g for g in so.preempted if g in self.scheduler.swapped]
-    if lost_host:
-      redo += self.scheduler.swapped
+    # Swap-outs of this step may not have landed.
+    self._rebuild_lost_state([g for g in so.preempted if g in self.scheduler.swapped])
+    return failed
+
+  def _rebuild_lost_state(self, redo: list[SequenceGroup]) -> None:
+    """Fresh pools for those a failed call deleted; recomputes `redo` and every group
+    whose K/V a lost pool held (a lost device pool also empties the prefix cache)."""
+    lost_device, lost_host = self.runner.state_is_lost()
+    self.runner.reset(device=lost_device, host=lost_host)
     if lost_device:
-      redo += self.scheduler.running
+      self.bm.reset_prefix_cache()
+    if lost_host:
+      redo = redo + self.scheduler.swapped
+    if lost_device:
+      redo = redo + self.scheduler.running
     for group in dict.fromkeys(redo):
       self.scheduler.recompute(group)
-    return failed
 
   def _failed(self, group: SequenceGroup, error: Exception) -> None:
     group.error = f"{type(error).__name__}: {error}"

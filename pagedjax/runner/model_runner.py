@@ -115,10 +115,10 @@ class ModelRunner:
                                               hidden_dim=cfg.hidden_dim, num_devices=tp)
     self.impl = attention_impl
     self.max_num_seqs = max_num_seqs
-    # Width of the tokens a step hands the next one on the device (async scheduling):
-    # at least every sample row (a step draws at most pow2(max_num_seqs) rows).
-    self.feed_width = max(MIN_FEED_WIDTH, next_power_of_two(max_num_seqs))
-    self._no_feed = np.zeros(self.feed_width, np.int32)
+    # StepBatch.prev_tokens when nothing is fed; its width is that of the tokens a step
+    # hands the next one on the device (async scheduling): at least every sample row (a
+    # step draws at most pow2(max_num_seqs) rows).
+    self._no_feed = np.zeros(max(MIN_FEED_WIDTH, next_power_of_two(max_num_seqs)), np.int32)
     self.num_scheduler_steps = num_scheduler_steps
     self.dtype = jnp.dtype(dtype)
     self.kv_cache_dtype = self.dtype if kv_cache_dtype is None else jnp.dtype(kv_cache_dtype)
@@ -325,10 +325,10 @@ class ModelRunner:
     positions[:num_tokens] = pos
     slots = np.full(t_cap, -1, np.int32)
     slots[:num_tokens] = tables[seq_of_token, pos // bs] * bs + pos % bs
+    feed_rows = np.fromiter((s.feed_row for s in seqs), np.int32, len(seqs))  # [S]
+    fed = feed_rows >= 0
     feed_index = np.full(t_cap, -1, np.int32)
-    for i, s in enumerate(seqs):
-      if s.feed_row >= 0:
-        feed_index[cu[i]] = s.feed_row
+    feed_index[cu[:-1][fed]] = feed_rows[fed]
 
     # Decode rows: one-token entries that sample (a one-token chunk in mid-prompt, left by
     # the budget, is a tile: decode rows are padded to the sample-row bucket).
