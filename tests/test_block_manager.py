@@ -206,6 +206,43 @@ def test_fork_group_swaps_shared_blocks_once_and_keeps_sharing():
   assert bm.stats().shared_blocks == 2
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_can_swap_in_with_append_counts_exactly_what_swap_in_and_the_appends_take(seed):
+  """A swapped fork group (random prompt, forks, private tokens) comes back and each
+  sequence appends one token: can_swap_in(append=1) holds with exactly that many free
+  blocks and not one fewer (it once asked one extra block per sequence, so a group that
+  fits the cache alone could never come back: an empty step with work left)."""
+  bs = 4
+
+  def swapped_group():
+    rng = np.random.default_rng(seed)
+    bm = BlockManager(64, bs, num_host_blocks=64)
+    bm.allocate("s0", int(rng.integers(1, 14)))
+    group = ["s0"]
+    for i in range(1, int(rng.integers(1, 5))):
+      bm.fork(group[int(rng.integers(len(group)))], f"s{i}")
+      group.append(f"s{i}")
+    for s in group:
+      bm.append_slots(s, int(rng.integers(0, 6)))
+    bm.swap_out(group)
+    return bm, group
+
+  trial, group = swapped_group()  # the truth: swap in, append, count
+  free = trial.num_free_blocks
+  trial.swap_in(group)
+  for s in group:
+    trial.append_slots(s, 1)
+  bm, group = swapped_group()
+  need = free - trial.num_free_blocks
+  filler = bm.allocate("other", bs * (free - need))  # leaves exactly `need` free
+  assert len(filler) == free - need and bm.num_free_blocks == need
+  assert bm.can_swap_in(group, append=1, watermark=False)
+  assert not bm.can_swap_in(group, append=1, watermark=False, extra_blocks=1)
+  bm.free("other")
+  bm.allocate("other", bs * (free - need + 1))
+  assert not bm.can_swap_in(group, append=1, watermark=False)
+
+
 def test_tuple_seq_id_is_one_id_not_a_group():
   bm = BlockManager(4, 4, num_host_blocks=4)
   bm.allocate((1, 2), 3)

@@ -178,6 +178,31 @@ def test_max_blocks_needed_counts_the_prompt_once():
   assert max_blocks_needed(10, 1000, 1, block_size=8, max_model_len=64) == 8  # 63 cached
 
 
+def test_a_swapped_fork_group_that_fits_the_cache_alone_comes_back():
+  """Hypothesis found it: a 2-block cache, an n=2 group swapped out while another ran;
+  once alone it needs the whole cache (its shared block swapped in, a copy-on-write
+  block for one fork's next token). Swap-in asked one block per sequence on top, plus
+  the watermark with nothing running: every later step was empty."""
+  reqs = [dict(max_tokens=1, temperature=0.0, ignore_eos=False),
+          dict(max_tokens=1, temperature=0.0, ignore_eos=False),
+          dict(max_tokens=2, temperature=0.0, ignore_eos=False),
+          dict(max_tokens=2, n=2, temperature=1.0)]
+  bm, s = _make(num_blocks=2, block_size=4, host=1, mode="swap", max_num_seqs=3, budget=4,
+                chunked=False)
+  groups = [_group(i, 1, **kw) for i, kw in enumerate(reqs)]
+  for g in groups:
+    s.add(g)
+  swapped = False
+  for _ in range(20):
+    if not s.has_unfinished():
+      break
+    out = _step(s)
+    assert out.seqs or out.swap_in or out.swap_out, "an empty step with work left"
+    swapped |= bool(out.swap_out)
+  assert swapped and all(g.is_finished for g in groups)
+  assert bm.num_free_blocks == 2 and bm.host_allocator.num_free_blocks == 1
+
+
 # ---------------------------------------------------------------- liveness property
 _EXAMPLES = int(os.environ.get("PAGEDJAX_HYPOTHESIS_EXAMPLES", "150"))
 

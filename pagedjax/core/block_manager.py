@@ -625,20 +625,37 @@ class BlockManager:
     """
     return self._move(seq_ids, to_host=True)
 
-  def can_swap_in(self, seq_ids: Hashable | Iterable[Hashable], *, extra_blocks: int = 0) -> bool:
-    """Whether the device pool can take the group back.
+  def can_swap_in(self, seq_ids: Hashable | Iterable[Hashable], *, append: int = 0,
+                  extra_blocks: int = 0, watermark: bool = True) -> bool:
+    """Whether the device pool can take the group back (and then append to it).
 
     Args:
       seq_ids: One id, or an iterable of ids (see `swap_in`).
-      extra_blocks: Device blocks to keep free on top of the watermark (e.g. one
-        per sequence for this step's `append_slot`).
+      append: Tokens each sequence appends right after (this step's decode): counts the
+        new blocks and copy-on-write copies `append_slots` then takes, as
+        `blocks_to_append_all` does for resident sequences.
+      extra_blocks: Further device blocks to keep free.
+      watermark: Keep the watermark free too (the scheduler drops it when nothing else
+        runs: there is nothing left to grow, and a group that fits the cache alone must
+        be able to come back).
 
     Raises:
       SequenceStateError / ValueError: as `swap_in`, for a bad group.
     """
-    _, counts = self._swap_group(seq_ids, swapped=True)
-    return (len(counts) + extra_blocks
-            <= self.device_allocator.num_free_blocks - self.watermark_blocks)
+    group, counts = self._swap_group(seq_ids, swapped=True)
+    need = len(counts) + extra_blocks
+    if append:
+      bs = self.block_size
+      writers: collections.Counter[int] = collections.Counter()
+      for seq in group:
+        need += ceil_div(seq.num_tokens + append, bs) - len(seq.table)
+        if seq.num_tokens % bs:
+          writers[seq.table[-1]] += 1
+      # A closed group holds each of its blocks `counts[block]` times: a shared, partly
+      # filled last block is copied for all its writers but the last.
+      need += sum(min(n, counts[b] - 1) for b, n in writers.items())
+    reserve = self.watermark_blocks if watermark else 0
+    return need <= self.device_allocator.num_free_blocks - reserve
 
   def swap_in(self, seq_ids: Hashable | Iterable[Hashable]) -> list[tuple[int, int]]:
     """Moves a group of swapped-out sequences back to the device pool.

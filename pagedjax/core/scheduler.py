@@ -540,7 +540,7 @@ class Scheduler:
       if swapped_first:
         seqs = group.seqs_with(SequenceStatus.SWAPPED)
         if len(seqs) > budget or not self.bm.can_swap_in(
-            [s.seq_id for s in seqs], extra_blocks=len(seqs)):
+            [s.seq_id for s in seqs], append=1, watermark=bool(self.running)):
           break
         ops = self.bm.swap_in([s.seq_id for s in seqs])
         out.swap_in += ops
