@@ -673,6 +673,22 @@ class BlockManager:
     return self._move(seq_ids, to_host=False)
 
   # ------------------------------------------------------------------ stats
+  def num_empty_slots(self) -> int:
+    """`stats().empty_slots` (unfilled slots of used device blocks) in O(sequences): a
+    block's holders share it at one logical index with one content (a partly filled
+    block is copied before anyone writes to it), so only blocks at or past a holder's
+    fill point can have empty slots; the engine reads it at every new peak."""
+    bs = self.block_size
+    fill: dict[int, int] = {}
+    for seq in self._seqs.values():
+      if seq.swapped:
+        continue
+      table, n = seq.table, seq.num_tokens
+      for i in range(n // bs, len(table)):
+        block = table[i]
+        fill[block] = max(fill.get(block, 0), min(bs, n - i * bs))
+    return sum(bs - f for f in fill.values())
+
   def stats(self) -> MemoryStats:
     """Current pool usage; O(total blocks held), not meant for the hot path."""
     bs = self.block_size

@@ -151,13 +151,21 @@ class SequenceGroup:
   def seqs_with(self, status: SequenceStatus) -> list[Sequence]:
     return [s for s in self.seqs if s.status is status]
 
+  # (The three below run for every request several times per step: one-sequence
+  # requests, most of them, take a path without a generator.)
   @property
   def live_seqs(self) -> list[Sequence]:
-    return [s for s in self.seqs if s.status is not SequenceStatus.FINISHED]
+    seqs = self.seqs
+    if len(seqs) == 1:
+      return [] if seqs[0].status is SequenceStatus.FINISHED else [seqs[0]]
+    return [s for s in seqs if s.status is not SequenceStatus.FINISHED]
 
   @property
   def is_finished(self) -> bool:
-    return all(s.is_finished for s in self.seqs)
+    seqs = self.seqs
+    if len(seqs) == 1:
+      return seqs[0].status is SequenceStatus.FINISHED
+    return all(s.status is SequenceStatus.FINISHED for s in seqs)
 
   @property
   def num_seats(self) -> int:

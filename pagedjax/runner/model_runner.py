@@ -403,7 +403,6 @@ class ModelRunner:
   def _sampling(self, seqs, cu, r_cap: int):
     """SamplingBatch and logits rows: one logits row per sampling sequence, one sample
     row per (sequence, sample index), padded to r_cap rows."""
-    rows = [(i, s, j) for i, s in enumerate(seqs) for j in s.sample_indices]
     logits_index = np.zeros(r_cap, np.int32)
     row_index = np.zeros(r_cap, np.int32)
     seeds = np.zeros((r_cap, 2), np.uint32)
@@ -413,25 +412,28 @@ class ModelRunner:
     top_k = np.zeros(r_cap, np.int32)
     top_p = np.ones(r_cap, np.float32)
     banned = np.full((r_cap, MAX_BANNED), -1, np.int32)
-    logits_row = -1
-    last_seq = -1
-    for r, (i, s, j) in enumerate(rows):
-      if i != last_seq:
-        logits_row += 1
-        last_seq = i
-        logits_index[logits_row] = cu[i + 1] - 1
-      d = s.group.device_sampling
+    sampling = [(i, s) for i, s in enumerate(seqs) if s.sample_indices]
+    if sampling:
+      # Columns built as lists, stored once each (per-row numpy stores cost more).
+      logits_index[:len(sampling)] = [cu[i + 1] - 1 for i, _ in sampling]
+      if all(len(s.sample_indices) == 1 for _, s in sampling):  # one row per sequence
+        rows = [(k, s, s.sample_indices[0]) for k, (_, s) in enumerate(sampling)]
+      else:
+        rows = [(k, s, j) for k, (_, s) in enumerate(sampling) for j in s.sample_indices]
+      n = len(rows)
+      ds = [s.group.device_sampling for _, s, _ in rows]
       # A fed decode's own token is still in flight: it draws output position num_out + 1.
-      num_out = len(s.seq.output_token_ids) + (s.feed_row >= 0)
-      row_index[r] = logits_row
-      seeds[r] = d.seed_words
-      sample_indices[r] = j
-      out_positions[r] = num_out
-      temperature[r] = d.temperature
-      top_k[r] = d.top_k
-      top_p[r] = d.top_p
-      if num_out < d.banned_until:
-        banned[r, :len(d.banned_ids)] = d.banned_ids
+      num_out = [len(s.seq.output_token_ids) + (s.feed_row >= 0) for _, s, _ in rows]
+      row_index[:n] = [k for k, _, _ in rows]
+      sample_indices[:n] = [j for _, _, j in rows]
+      seeds[:n] = [d.seed_words for d in ds]
+      out_positions[:n] = num_out
+      temperature[:n] = [d.temperature for d in ds]
+      top_k[:n] = [d.top_k for d in ds]
+      top_p[:n] = [d.top_p for d in ds]
+      for r, (d, m) in enumerate(zip(ds, num_out)):
+        if m < d.banned_until:
+          banned[r, :len(d.banned_ids)] = d.banned_ids
     samp = step_lib.SamplingBatch(row_index, seeds, sample_indices, out_positions, temperature,
                                   top_k, top_p, banned)
     return samp, logits_index
