@@ -361,7 +361,9 @@ def steady_decode(
   `step()` call completes one step while the next runs). The host view of a step (its
   split) is taken on the same engine scheduling after results (`async_scheduling=False`),
   whose device step can be timed synchronised without changing what the engine does;
-  `host_share` is the part of the timed step that is not that device step.
+  `host_share` is the part of the timed step that is not that device step. The two
+  engines serve the same requests in alternating windows of steps (`run_window`), so
+  that both figures come from the same minutes of this noisy machine.
   With num_scheduler_steps = N > 1 an engine step runs N decode steps (multi-step): its
   times are per decode step (engine step / N), its split per engine step."""
   fl = model_flops(cfg)
@@ -375,19 +377,22 @@ def steady_decode(
             "num_scheduler_steps": num_scheduler_steps, "async_scheduling": async_scheduling,
             "attention_impl": resolve_attention_impl(attention_impl)}
   yard = common.MatmulYardstick((batch, cfg.dim, cfg.hidden_dim))
-  captured: dict = {}  # the batch and sampling arrays of the latest completed step
+  pipelined = async_scheduling and num_scheduler_steps == 1
+  window = 4 if pipelined else 1
 
-  for phase in ("plain", "split"):
+  def phase_state(phase: str) -> dict:
     llm = engine(async_scheduling=async_scheduling and phase == "plain")
     for p in trace.prompts:
       llm.add_request(None, p, params)
-    acc: dict = {}
+    st = dict(phase=phase, llm=llm, acc={}, captured={}, prepared={}, times=[], flops=[],
+              contexts=[], splits=[], win={"t": 0.0, "flops": 0.0, "n": 0}, skip_next=False,
+              window_device=[])
     original_prepare, original_fetch = llm.runner.prepare, llm.runner.fetch
-    prepared: dict = {}  # id(scheduled step) -> its arrays (async: the next is prepared first)
+    prepared, captured = st["prepared"], st["captured"]
 
     def capture(so, _orig=original_prepare):
       out = _orig(so)
-      prepared[id(so)] = out[:2]
+      prepared[id(so)] = out[:2]  # (async: the next step is prepared before this one ends)
       return out
 
     def fetch(so, handle, _orig=original_fetch):
@@ -398,19 +403,26 @@ def steady_decode(
       return _orig(so, handle)
 
     llm.runner.prepare, llm.runner.fetch = capture, fetch
-    targets = [(step_lib, "step", phase == "split"), (step_lib, "multi_step", phase == "split")]
+    st["targets"] = [(step_lib, "step", phase == "split"),
+                     (step_lib, "multi_step", phase == "split")]
     if phase == "split":
-      targets += [(llm.scheduler, "schedule", False), (llm.runner, "prepare", False)]
-    times, flops, contexts, splits = [], [], [], []
-    # The matmul yardstick is sampled beside the steps. With async scheduling a step runs
-    # on while the host does anything between two step() calls, so steps are timed in
-    # windows of WINDOW consecutive calls; then the device is drained, the yardstick
-    # sampled, and the next call (its step ran during the drain) is not timed.
-    pipelined = phase == "plain" and async_scheduling and num_scheduler_steps == 1
-    window = 4 if pipelined else 1
-    win = {"t": 0.0, "flops": 0.0, "n": 0}
-    skip_next = False
-    with _timing(acc, targets):
+      st["targets"] += [(llm.scheduler, "schedule", False), (llm.runner, "prepare", False)]
+    return st
+
+  def run_window(st: dict) -> None:
+    """Steps `st`'s engine until it records one window of steady steps (or ends).
+
+    The plain phase's engine (async scheduling) runs a step on while the host does
+    anything between two step() calls, so its steps are timed in windows of `window`
+    consecutive calls; then the device is drained, the yardstick sampled, and the next
+    call (its step ran during the drain) is not timed. The drain also leaves the device
+    idle for the other phase's synchronised steps, which are taken between these windows
+    on the same trace: the device step alone and the step as the engine runs it are
+    timed in alternating windows of the same minutes, not minutes apart (this machine's
+    speed moves by tens of percent between them)."""
+    llm, acc, captured, win = st["llm"], st["acc"], st["captured"], st["win"]
+    plain = st["phase"] == "plain"
+    with _timing(acc, st["targets"]):
       while llm.has_unfinished_requests():
         acc.clear()
         captured.clear()
@@ -421,33 +433,48 @@ def steady_decode(
           continue
         b, k = captured["batch"], captured["steps"]
         # Steady state: decode-only steps with every row of the batch live.
-        if (k == num_scheduler_steps and b.attn.tile_token_index.shape[0] == 0
-            and len(_live_decode_rows(b)) == batch):
-          if skip_next:
-            skip_next = False
-            continue
-          contexts.append(float((_live_decode_rows(b) + 1).mean()))
-          splits.append(dict(acc, total=dt))
-          win["t"] += dt
-          win["flops"] += _decode_flops(b, fl, k)
-          win["n"] += k
-          if win["n"] < window * k:
-            continue
-          times.append(win["t"] / win["n"])
-          flops.append(win["flops"] / win["n"])
-          win.update(t=0.0, flops=0.0, n=0)
-          if phase == "plain":
-            jax.block_until_ready(llm.runner.kv)  # drain: no step runs beside the yardstick
-            yard.sample()  # the matmul rate at the step's shape, beside the steps
-            skip_next = pipelined
-    llm.runner.prepare, llm.runner.fetch = original_prepare, original_fetch
-    if phase == "plain":
+        if not (k == num_scheduler_steps and b.attn.tile_token_index.shape[0] == 0
+                and len(_live_decode_rows(b)) == batch):
+          continue
+        if st["skip_next"]:
+          st["skip_next"] = False
+          continue
+        st["contexts"].append(float((_live_decode_rows(b) + 1).mean()))
+        st["splits"].append(dict(acc, total=dt))
+        win["t"] += dt
+        win["flops"] += _decode_flops(b, fl, k)
+        win["n"] += k
+        if win["n"] < (window if plain else 1) * k:
+          continue
+        st["times"].append(win["t"] / win["n"])
+        st["flops"].append(win["flops"] / win["n"])
+        win.update(t=0.0, flops=0.0, n=0)
+        if plain:
+          jax.block_until_ready(llm.runner.kv)  # drain: no step runs beside what follows
+          yard.sample()  # the matmul rate at the step's shape, beside the steps
+          st["skip_next"] = pipelined
+        if plain:
+          return
+        if len(st["times"]) % window == 0:  # this window's device steps, for the pairing
+          last = st["splits"][-window:]
+          st["window_device"].append(
+              float(np.mean([x.get("step", 0.0) + x.get("multi_step", 0.0) for x in last])))
+          return
+
+  states = [phase_state("plain"), phase_state("split")]
+  while any(st["llm"].has_unfinished_requests() for st in states):
+    for st in states:
+      run_window(st)
+  for st in states:
+    llm = st["llm"]
+    times, flops, splits = st["times"], st["flops"], st["splits"]
+    if st["phase"] == "plain":
       times = np.asarray(times)
       result.update(
         num_full_decode_steps=len(times) * window,
         median_step_s=float(np.median(times)),
         tokens_per_s=float(batch / np.median(times)),
-        mean_context=float(np.mean(contexts)),
+        mean_context=float(np.mean(st["contexts"])),
         # Median of per-step rates: robust to a step that compiled or was preempted by load.
         model_gflops=float(np.median(np.asarray(flops) / times) / 1e9),
       )
@@ -457,6 +484,7 @@ def steady_decode(
                                              "gflops_min_max": stick["gflops_min_max"]}
       result["fraction_of_matmul_rate_at_step_shape"] = stick["fraction_median"]
       continue
+    captured = st["captured"]
     med = {k: float(np.median([s.get(k, 0.0) for s in splits]))
            for k in ("schedule", "prepare", "step", "multi_step", "total")}
     device = med["step"] + med["multi_step"]
@@ -468,7 +496,14 @@ def steady_decode(
       "total": med["total"],
     }
     # The timed step's part that is not the device step: host work the device waits for.
-    result["host_share"] = 1.0 - device / num_scheduler_steps / result["median_step_s"]
+    # Each window of the engine's steps is paired with the window of synchronised device
+    # steps timed right after it (the machine's speed drifts between windows; within a
+    # pair it mostly cancels): the median over pairs.
+    plain_times = states[0]["times"]
+    pairs = [d / num_scheduler_steps / t for d, t in zip(st["window_device"], plain_times)]
+    result["host_share"] = 1.0 - float(np.median(pairs)) if pairs else float("nan")
+    result["host_share_pairs"] = len(pairs)
+    result["host_share_of_medians"] = 1.0 - device / num_scheduler_steps / result["median_step_s"]
     if components:
       result["device_split_s"] = _component_times(llm, captured["batch"], captured["samp"], reps)
   return result
@@ -570,13 +605,15 @@ def _figure(systems: dict, ratios: dict, steady: dict, path: pathlib.Path) -> No
     m = steady["multi_step"][b]
     n = m["num_scheduler_steps"]
     bars = []
-    for label, dev, total in (("after\nresults", single["device_step_synced"], single["total"]),
-                              ("async", single["device_step_synced"], timed),
-                              (f"{n} steps", m["step_split_s"]["device_step_synced"] / n,
-                               m["median_step_s"])):
-      # (a step shorter than the synchronised device step, whose timing includes the
-      # dispatch and the wake-up: no host time shows)
-      bars.append((label, min(dev, total) * 1e3, max(total - dev, 0.0) * 1e3))
+    for label, total, share in (
+        ("after\nresults", single["total"], 1.0 - single["device_step_synced"] / single["total"]),
+        ("async", timed, steady["host_share_by_batch"][b]),
+        (f"{n} steps", m["median_step_s"], m["host_share"])):
+      # The host share as measured (async and N steps: the median over paired windows); a
+      # negative one (the step shorter than the synchronised device step, whose timing
+      # includes the dispatch and the wake-up) shows no host time.
+      host = max(share, 0.0) * total
+      bars.append((label, (total - host) * 1e3, host * 1e3))
     x = range(len(bars))
     ax.bar(x, [d for _, d, _ in bars], color="tab:blue", label="device (synchronised)")
     ax.bar(x, [h for _, _, h in bars], bottom=[d for _, d, _ in bars], color="tab:orange",
@@ -848,6 +885,14 @@ def main(argv=None) -> dict:
       "per-step ratios; the trace's yardsticks are sampled 5 times before and after each "
       "run. The rate of one jitted product moves 2x between moments of a run on this "
       "shared machine, so a yardstick measured minutes away from its step is noise."
+    ),
+    (
+      "Host share = 1 - (device step timed alone, synchronised, on an engine scheduling "
+      "after results) / (the step as the engine at the stated setting runs it); the two "
+      "engines serve the same requests in alternating windows of steps (4 engine steps, "
+      "then 4 synchronised ones; the device drained between windows), and the share is the "
+      "median over adjacent pairs of windows: the machine's speed drifts by more than the "
+      "share itself between minutes. host_share_of_medians: the same from the two medians."
     ),
     (
       f"Load average start {info['load_average_start']}, end {info['load_average_end']} "
