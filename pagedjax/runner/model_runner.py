@@ -117,8 +117,8 @@ class ModelRunner:
     self.max_num_seqs = max_num_seqs
     # StepBatch.prev_tokens when nothing is fed; its width is that of the tokens a step
     # hands the next one on the device (async scheduling): at least every sample row (a
-    # step draws at most pow2(max_num_seqs) rows).
-    self._no_feed = np.zeros(max(MIN_FEED_WIDTH, next_power_of_two(max_num_seqs)), np.int32)
+    # step draws at most pow2(max_num_seqs) rows). Placed below, on the device.
+    no_feed = np.zeros(max(MIN_FEED_WIDTH, next_power_of_two(max_num_seqs)), np.int32)
     self.num_scheduler_steps = num_scheduler_steps
     self.dtype = jnp.dtype(dtype)
     self.kv_cache_dtype = self.dtype if kv_cache_dtype is None else jnp.dtype(kv_cache_dtype)
@@ -145,6 +145,14 @@ class ModelRunner:
                                                head_dim=cfg.head_dim, tp=tp)
       params = sharding_lib.put_global(params, self.mesh, sharding_lib.param_specs(params))
     self._params = params
+    # Placed as a step's `feed_tokens` output is (committed, where the parameters are;
+    # replicated on a mesh): jit keys its executables by their inputs' placement too, so
+    # a host array here compiled every program a second time when a step first fed the
+    # one before (unseen by `programs`, after `precompile`: seconds-long stalls in the
+    # middle of serving). `_run` re-places it if a step's output says otherwise.
+    where = (jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+             if self.mesh is not None else jax.tree.leaves(params)[0].sharding)
+    self._no_feed = jax.device_put(no_feed, where)
     self.programs: dict[tuple, tuple] = {}  # program key -> abstract (batch, sampling)
 
   # ------------------------------------------------------------------ state
@@ -275,6 +283,8 @@ class ModelRunner:
                   mesh=self.mesh)
     if ms is None:
       self.kv, out, feed = step_lib.step(self._params, self.kv, batch, samp, **common)
+      if feed.sharding != self._no_feed.sharding:
+        self._no_feed = jax.device_put(self._no_feed, feed.sharding)
       return out, feed
     self.kv, out = step_lib.multi_step(self._params, self.kv, batch, samp, ms,
                                        max_steps=self.num_scheduler_steps, **common)
