@@ -178,9 +178,9 @@ def run(quick: bool = False, out_dir=None, *, num_requests: int | None = None,
     for s in systems:
       res[s] = []
       for rate, arr in zip(rates, arrivals):
-        compiles_before = step_lib.TRACES["step"]
+        compiles_before = step_lib.num_executables()
         row = {"rate": rate, **serve(make[s](), trace, arr)}
-        compiles += step_lib.TRACES["step"] - compiles_before
+        compiles += step_lib.num_executables() - compiles_before
         res[s].append(row)
         bar.update(1)
     threshold = THRESHOLD_FACTOR * res["paged"][0]["normalized_latency_s"]

@@ -258,6 +258,15 @@ def multi_step(params, kv, batch: StepBatch, samp: SamplingBatch, ms: MultiStepB
   return kv, outs
 
 
+def num_executables() -> int:
+  """Step executables compiled in this process (`step` and `multi_step`, all engines).
+
+  Unlike TRACES, this also counts a program compiled again for inputs placed elsewhere
+  (the same trace): what a benchmark should see when it asks whether anything compiled.
+  """
+  return step._cache_size() + multi_step._cache_size()
+
+
 def advance_metadata(meta: AttentionMetadata, j, active) -> AttentionMetadata:
   """Attention metadata of inner step j of a decode-only batch: every active token row
   (active bool[T]) one position further on; inactive rows attend to nothing."""
