@@ -460,7 +460,7 @@ class BlockManager:
     not exist yet count as `allocate(seq_id, n)`.
     """
     total = 0
-    writers: collections.Counter[int] = collections.Counter()
+    resident = []
     for seq_id, n in appends:
       seq = self._seqs.get(seq_id)
       if seq is None:
@@ -468,12 +468,22 @@ class BlockManager:
         continue
       if seq.swapped:
         self._get_resident(seq_id)  # raises the right error
-      total += ceil_div(seq.num_tokens + n, self.block_size) - len(seq.table)
-      if n and seq.num_tokens % self.block_size:
+      resident.append((seq, n))
+    return total + self._append_need(resident, self.device_allocator.ref_counts.__getitem__)
+
+  def _append_need(self, appends: Iterable[tuple[_Seq, int]],
+                   holders: Callable[[int], int]) -> int:
+    """New blocks + copy-on-write copies that appending n tokens to each sequence, in
+    order, takes; `holders(block)`: how many tables hold the block. A partly filled
+    block shared by several writers is copied for all but the last one."""
+    bs = self.block_size
+    total = 0
+    writers: collections.Counter[int] = collections.Counter()
+    for seq, n in appends:
+      total += ceil_div(seq.num_tokens + n, bs) - len(seq.table)
+      if n and seq.num_tokens % bs:
         writers[seq.table[-1]] += 1
-    for block, count in writers.items():
-      total += min(count, self.device_allocator.ref_counts[block] - 1)
-    return total
+    return total + sum(min(count, holders(block) - 1) for block, count in writers.items())
 
   def can_append(self, seq_id: Hashable, num_tokens: int = 1) -> bool:
     """Whether `append_slots(seq_id, num_tokens)` has the blocks it may need."""
@@ -643,17 +653,9 @@ class BlockManager:
       SequenceStateError / ValueError: as `swap_in`, for a bad group.
     """
     group, counts = self._swap_group(seq_ids, swapped=True)
-    need = len(counts) + extra_blocks
-    if append:
-      bs = self.block_size
-      writers: collections.Counter[int] = collections.Counter()
-      for seq in group:
-        need += ceil_div(seq.num_tokens + append, bs) - len(seq.table)
-        if seq.num_tokens % bs:
-          writers[seq.table[-1]] += 1
-      # A closed group holds each of its blocks `counts[block]` times: a shared, partly
-      # filled last block is copied for all its writers but the last.
-      need += sum(min(n, counts[b] - 1) for b, n in writers.items())
+    # A closed group holds each of its blocks `counts[block]` times, on the device too.
+    need = (len(counts) + extra_blocks
+            + self._append_need(((seq, append) for seq in group), counts.__getitem__))
     reserve = self.watermark_blocks if watermark else 0
     return need <= self.device_allocator.num_free_blocks - reserve
 

@@ -426,10 +426,7 @@ class ModelRunner:
     if sampling:
       # Columns built as lists, stored once each (per-row numpy stores cost more).
       logits_index[:len(sampling)] = [cu[i + 1] - 1 for i, _ in sampling]
-      if all(len(s.sample_indices) == 1 for _, s in sampling):  # one row per sequence
-        rows = [(k, s, s.sample_indices[0]) for k, (_, s) in enumerate(sampling)]
-      else:
-        rows = [(k, s, j) for k, (_, s) in enumerate(sampling) for j in s.sample_indices]
+      rows = [(k, s, j) for k, (_, s) in enumerate(sampling) for j in s.sample_indices]
       n = len(rows)
       ds = [s.group.device_sampling for _, s, _ in rows]
       # A fed decode's own token is still in flight: it draws output position num_out + 1.
