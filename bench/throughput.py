@@ -284,11 +284,11 @@ def _component_times(llm: LLM, batch, samp, reps: int) -> dict:
 
   @jax.jit
   def sample(logits, s):
-    keys = sampler.row_keys(s.seeds, s.sample_indices, s.out_positions)
+    keys = functools.partial(sampler.row_keys, s.seeds, s.sample_indices, s.out_positions)
     return sampler.sample(logits[s.row_index], temperature=s.temperature, top_k=s.top_k,
                           top_p=s.top_p, keys=keys, banned_ids=s.banned_ids,
                           vocab_size=runner.vocab_size,
-                          num_top_logprobs=step_lib.NUM_TOP_LOGPROBS)
+                          num_top_logprobs=step_lib.NUM_TOP_LOGPROBS, need_top=s.need_top)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def write_layers(k_pages, v_pages, kv_new, slots):

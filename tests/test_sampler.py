@@ -11,18 +11,20 @@ from pagedjax.sampling_params import SamplingParams, seed_words
 V, REAL_V = 16, 12
 
 
-def _run(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, seeds=None, positions=None):
+def _run(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, seeds=None, positions=None,
+         need_top=True, lazy_keys=False):
   r = logits.shape[0]
   banned = np.full((r, 4), -1, np.int32) if banned is None else banned
   seeds = np.arange(r) if seeds is None else seeds
   words = np.asarray([seed_words(int(x)) for x in seeds], np.uint32)  # [R, 2]
   positions = np.zeros(r, np.int32) if positions is None else positions
-  keys = sampler.row_keys(jnp.asarray(words), jnp.zeros(r, jnp.int32), jnp.asarray(positions))
+  args = (jnp.asarray(words), jnp.zeros(r, jnp.int32), jnp.asarray(positions))
+  keys = (lambda: sampler.row_keys(*args)) if lazy_keys else sampler.row_keys(*args)
   full = lambda x, dt: jnp.full((r,), x, dt)
   return jax.device_get(sampler.sample(
       jnp.asarray(logits), temperature=full(temperature, jnp.float32), top_k=full(top_k, jnp.int32),
       top_p=full(top_p, jnp.float32), keys=keys, banned_ids=jnp.asarray(banned),
-      vocab_size=REAL_V, num_top_logprobs=3))
+      vocab_size=REAL_V, num_top_logprobs=3, need_top=need_top))
 
 
 def _masked_log_softmax(logits, banned_row=()):
@@ -44,6 +46,25 @@ def test_greedy_is_argmax_over_real_vocab_and_logprobs_match():
     np.testing.assert_allclose(lps[i], ref[tokens[i]], atol=1e-5)
     np.testing.assert_array_equal(top_ids[i], np.argsort(-ref)[:3])
     np.testing.assert_allclose(top_lps[i], np.sort(ref)[::-1][:3], atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_skipping_the_top_tokens_and_deriving_keys_lazily_change_no_draw(temperature):
+  """need_top=False (no row wants logprobs or beams) returns zeros for the top arrays and
+  the same tokens, logprobs and ranks; keys given as a function draw the same tokens."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(8, V)).astype(np.float32)
+  ref = _run(logits, temperature=temperature)
+  for need_top, lazy in [(False, False), (True, True), (jnp.asarray(False), True)]:
+    got = _run(logits, temperature=temperature, need_top=need_top, lazy_keys=lazy)
+    for a, b in zip(got[:3], ref[:3]):
+      np.testing.assert_array_equal(a, b)
+    if need_top is True:
+      np.testing.assert_array_equal(got[3], ref[3])
+      np.testing.assert_array_equal(got[4], ref[4])
+    else:
+      assert not got[3].any() and not got[4].any()
+  assert ref[3].any()
 
 
 def test_rank_of_a_sampled_token():

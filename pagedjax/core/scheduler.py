@@ -143,8 +143,8 @@ class StepResult:
 
   tokens [R] int, logprobs [R] float, ranks [R] int (1 = most likely), top_ids /
   top_logprobs [R, K]: the K most likely tokens of the row's distribution, best first
-  (beam search and logprobs use them). A multi-step decode's arrays have a leading
-  [num_steps] axis (`inner` takes one step's).
+  (beam search and logprobs use them; None when no row asked). A multi-step decode's
+  arrays have a leading [num_steps] axis (`inner` takes one step's).
   """
 
   tokens: object
@@ -155,8 +155,8 @@ class StepResult:
 
   def inner(self, j: int) -> StepResult:
     """Inner step j of a multi-step decode."""
-    return StepResult(self.tokens[j], self.logprobs[j], self.ranks[j], self.top_ids[j],
-                      self.top_logprobs[j])
+    top = (None, None) if self.top_ids is None else (self.top_ids[j], self.top_logprobs[j])
+    return StepResult(self.tokens[j], self.logprobs[j], self.ranks[j], *top)
 
   def as_lists(self) -> StepResult:
     """tokens, logprobs and ranks as Python lists (indexing a list per row is several

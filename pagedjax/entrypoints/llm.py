@@ -369,7 +369,8 @@ class LLM:
           () if params.ignore_eos else tuple(self.tokenizer.eos_token_ids))
     return DeviceSampling(seed_words(seed), params.temperature,
                           min(params.top_k, self.tokenizer.vocab_size), params.top_p,
-                          params.min_tokens, bans)
+                          params.min_tokens, bans,
+                          wants_top=bool(params.logprobs) or params.use_beam_search)
 
   def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None) -> str:
     """Queues one request; raises ValueError / TypeError (naming the value) and changes

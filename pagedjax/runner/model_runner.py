@@ -46,7 +46,8 @@ class DeviceSampling:
   """A request's sampling settings as the device takes them (built once per request).
 
   seed_words: the 64-bit seed as (hi, lo) uint32 words; top_k: 0 or <= the vocabulary;
-  banned_until: output length below which `banned_ids` may not be drawn (min_tokens).
+  banned_until: output length below which `banned_ids` may not be drawn (min_tokens);
+  wants_top: the request reads its rows' top tokens (logprobs > 0, beam search).
   """
 
   seed_words: tuple[int, int]
@@ -55,6 +56,7 @@ class DeviceSampling:
   top_p: float
   banned_until: int
   banned_ids: tuple[int, ...]
+  wants_top: bool = False
 
 
 def _wait_or_delete(tree) -> None:
@@ -256,24 +258,30 @@ class ModelRunner:
     if prev is not None:
       batch = batch.replace(prev_tokens=prev[1])
     if so.num_steps == 1:
-      return self._run(batch, samp, key)
-    ms = self._multi_step_batch(so, batch.token_ids.shape[0], samp.row_index.shape[0])
-    return self._run(batch, samp, (*key, "steps", self.num_scheduler_steps), ms)
+      out, feed = self._run(batch, samp, key)
+    else:
+      ms = self._multi_step_batch(so, batch.token_ids.shape[0], samp.row_index.shape[0])
+      out, feed = self._run(batch, samp, (*key, "steps", self.num_scheduler_steps), ms)
+    return out, feed, bool(samp.need_top)
 
   def fetch(self, so, handle):
     """Waits for a submitted step; returns (tokens, logprobs, ranks, top_ids,
     top_logprobs) as numpy arrays, each with a leading [so.num_steps] axis when the step
-    is a multi-step decode. A device failure raises here; the pages it left are then
-    deleted, so that `state_is_lost` reports them."""
+    is a multi-step decode; top_ids / top_logprobs are None when no row wants them (not
+    computed: `SamplingBatch.need_top`). A device failure raises here; the pages it left
+    are then deleted, so that `state_is_lost` reports them."""
+    out, _, need_top = handle
     try:
-      out = jax.device_get(handle[0])
+      out = jax.device_get(out if need_top else out[:3])
     except Exception:
       try:
         _wait_or_delete(self.kv)
       except Exception:  # noqa: BLE001  (the step's own error is the one to raise)
         pass
       raise
-    return out if so.num_steps == 1 else tuple(x[:so.num_steps] for x in out)
+    out = tuple(out) if need_top else (*out, None, None)
+    return out if so.num_steps == 1 else tuple(None if x is None else x[:so.num_steps]
+                                               for x in out)
 
   def _run(self, batch, samp, key, ms=None):
     if key not in self.programs:
@@ -423,6 +431,7 @@ class ModelRunner:
     top_p = np.ones(r_cap, np.float32)
     banned = np.full((r_cap, MAX_BANNED), -1, np.int32)
     sampling = [(i, s) for i, s in enumerate(seqs) if s.sample_indices]
+    need_top = False
     if sampling:
       # Columns built as lists, stored once each (per-row numpy stores cost more).
       logits_index[:len(sampling)] = [cu[i + 1] - 1 for i, _ in sampling]
@@ -441,8 +450,9 @@ class ModelRunner:
       for r, (d, m) in enumerate(zip(ds, num_out)):
         if m < d.banned_until:
           banned[r, :len(d.banned_ids)] = d.banned_ids
+      need_top = any(d.wants_top for d in ds)
     samp = step_lib.SamplingBatch(row_index, seeds, sample_indices, out_positions, temperature,
-                                  top_k, top_p, banned)
+                                  top_k, top_p, banned, np.asarray(need_top))
     return samp, logits_index
 
   def serving_program_keys(self, max_num_batched_tokens: int) -> list[tuple]:
@@ -497,7 +507,8 @@ class ModelRunner:
       r0 = np.zeros(r_cap, np.int32)
       samp = step_lib.SamplingBatch(r0, np.zeros((r_cap, 2), np.uint32), r0, r0,
                                     np.zeros(r_cap, np.float32), r0, np.ones(r_cap, np.float32),
-                                    np.full((r_cap, MAX_BANNED), -1, np.int32))
+                                    np.full((r_cap, MAX_BANNED), -1, np.int32),
+                                    np.asarray(False))
       ms = None
       if len(key) > 4:  # multi-step: no inner step runs (the program compiles all the same)
         ms = step_lib.MultiStepBatch(np.asarray(0, np.int32), np.zeros(t_cap, np.int32),

@@ -98,6 +98,8 @@ class SamplingBatch:
     top_k: i32[R] (0: all).
     top_p: f32[R].
     banned_ids: i32[R, K] ids that may not be drawn (min_tokens), -1 = unused.
+    need_top: bool[] whether any row returns its top tokens (logprobs, beam search):
+      if not, the step skips the top-k and returns zeros there.
   """
 
   row_index: jax.Array  # [R]
@@ -108,6 +110,7 @@ class SamplingBatch:
   top_k: jax.Array  # [R]
   top_p: jax.Array  # [R]
   banned_ids: jax.Array  # [R, K]
+  need_top: jax.Array  # [] bool
 
 
 @flax.struct.dataclass
@@ -167,10 +170,12 @@ def _forward_and_sample(params, kv, batch: StepBatch, samp: SamplingBatch, *, gr
                             check_vma=False)
   logits, kv = forward(params, kv, batch)
   logits = logits[samp.row_index]  # one row per sample
-  keys = sampler.row_keys(samp.seeds, samp.sample_indices, samp.out_positions)
+  keys = functools.partial(sampler.row_keys, samp.seeds, samp.sample_indices,
+                           samp.out_positions)  # derived only where a row draws
   out = sampler.sample(logits, temperature=samp.temperature, top_k=samp.top_k,
                        top_p=samp.top_p, keys=keys, banned_ids=samp.banned_ids,
-                       vocab_size=vocab_size, num_top_logprobs=NUM_TOP_LOGPROBS)
+                       vocab_size=vocab_size, num_top_logprobs=NUM_TOP_LOGPROBS,
+                       need_top=samp.need_top)
   return kv, out
 
 
