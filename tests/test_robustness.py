@@ -469,3 +469,11 @@ def test_logprobs_are_the_top_k_per_token_as_vllm_returns_them(llm):
   for tok, d in zip(s[0].outputs[0].token_ids, s[0].outputs[0].logprobs):
     assert tok in d and len(d) in (1, 2) and d[tok].rank >= 1
     assert min(v.rank for v in d.values()) == 1
+  # logprobs=0: the sampled token alone, its logprob and rank (the step fetched no top
+  # tokens: no row of it asked for any).
+  z = llm.generate("def ", SamplingParams(max_tokens=4, temperature=0.0, logprobs=0))[0]
+  assert z.outputs[0].token_ids == c.token_ids and z.outputs[0].finish_reason == "length"
+  for i, (tok, d) in enumerate(zip(z.outputs[0].token_ids, z.outputs[0].logprobs)):
+    assert list(d) == [tok] and d[tok].rank == 1
+    assert math.isclose(d[tok].logprob, float(ref[len(out.prompt_token_ids) - 1 + i][tok]),
+                        abs_tol=1e-4)

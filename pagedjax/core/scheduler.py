@@ -815,6 +815,8 @@ class Scheduler:
 
 
 def _top(result: StepResult, r: int, k: int) -> list[tuple[int, float]]:
+  if k == 0:  # logprobs=0: the sampled token's logprob only (no top arrays were fetched)
+    return []
   return [(int(i), float(lp)) for i, lp in zip(result.top_ids[r][:k], result.top_logprobs[r][:k])]
 
 
