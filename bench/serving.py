@@ -15,8 +15,8 @@ budget and the same engine: only memory management differs.
 Metrics per (system, rate): normalized latency (end-to-end latency / output tokens, mean
 over requests: the paper's metric), TTFT and inter-token latency p50 / p99, throughput.
 Summary: the highest rate each system sustains with mean normalized latency below a
-threshold (stated: a multiple of the paged engine's at the lowest rate), and its ratio
-to each baseline. Separately, chunked prefill on vs off for the paged engine: TTFT.
+threshold (stated: a multiple of the paged engine's at the lowest rate), the rate where
+its curve crosses the threshold (interpolated), and their ratios to each baseline. Separately, chunked prefill on vs off for the paged engine: TTFT.
 
 Compilation: `LLM.precompile()` runs every step program the budget and max_num_seqs can
 reach before any timing (programs are shared per process, so once for all systems), and
@@ -51,7 +51,7 @@ def _engine(reservation, *, num_blocks: int, max_num_seqs: int, budget: int,
             chunked: bool = True) -> LLM:
   return LLM(num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
              max_num_batched_tokens=budget, enable_chunked_prefill=chunked,
-             kv_reservation=reservation, preemption_mode="recompute", attention_impl="xla")
+             kv_reservation=reservation, preemption_mode="recompute")
 
 
 def _params(trace) -> list[SamplingParams]:
@@ -114,6 +114,21 @@ def _sustained(rows: list[dict], threshold: float) -> float:
   return max(ok) if ok else 0.0
 
 
+def _crossing(rows: list[dict], threshold: float) -> float | None:
+  """The rate where the normalized-latency curve crosses the threshold, interpolated
+  linearly in log latency between the two measured rates around it (the grid alone
+  moves the sustained rate in steps of a fraction of capacity). None if the curve
+  never crosses in the sweep (the system sustains at least its highest rate) or starts
+  above it."""
+  rows = sorted(rows, key=lambda r: r["rate"])
+  for lo, hi in zip(rows, rows[1:]):
+    a, b = lo["normalized_latency_s"], hi["normalized_latency_s"]
+    if a <= threshold < b:
+      f = (np.log(threshold) - np.log(a)) / (np.log(b) - np.log(a))
+      return float(lo["rate"] + f * (hi["rate"] - lo["rate"]))
+  return None
+
+
 def _figure(report: dict, path: pathlib.Path) -> None:
   plt = common.pyplot()
   traces = list(report["traces"])
@@ -140,14 +155,16 @@ def run(quick: bool = False, out_dir=None, *, num_requests: int | None = None,
   Args:
     quick: a smoke run (few requests, one rate, two systems, one trace).
     out_dir: output folder (None: bench/results, or bench/results/tmp when quick).
-    num_requests: requests per trace (None: 48; quick: 6).
+    num_requests: requests per trace (None: 160; quick: 6). Enough that queues build
+      past a system's capacity: with 40, every system served the sweep's highest rate
+      (1.5x the paged engine's capacity) without preemption and the curves did not part.
     seed: trace and arrival seed.
   """
-  n = num_requests or (6 if quick else 40)
+  n = num_requests or (6 if quick else 160)
   num_blocks, max_num_seqs, budget = (64, 4, 64) if quick else (160, 32, 256)
   systems = {k: SYSTEMS[k] for k in (["paged", "orca-max"] if quick else SYSTEMS)}
   trace_names = ["sharegpt-like"] if quick else ["sharegpt-like", "alpaca-like"]
-  fractions = [1.5] if quick else [0.25, 0.5, 0.75, 1.0, 1.5]
+  fractions = [1.5] if quick else [0.25, 0.5, 0.75, 0.875, 1.0, 1.125, 1.25, 1.5, 2.0]
   max_seq_len = checkpoint.load(None)[0].max_seq_len
   report = {"benchmark": NAME, "command": "python -m bench.serving" + (" --quick" if quick else ""),
             "inputs": {"num_requests": n, "num_blocks": num_blocks, "block_size": BLOCK_SIZE,
@@ -185,6 +202,7 @@ def run(quick: bool = False, out_dir=None, *, num_requests: int | None = None,
         bar.update(1)
     threshold = THRESHOLD_FACTOR * res["paged"][0]["normalized_latency_s"]
     sustained = {s: _sustained(rows, threshold) for s, rows in res.items()}
+    crossing = {s: _crossing(rows, threshold) for s, rows in res.items()}
     # Chunked prefill on vs off (paged), at the highest rate: TTFT.
     chunk = {}
     for chunked in ((True,) if quick else (True, False)):  # quick: the code path, once
@@ -198,6 +216,10 @@ def run(quick: bool = False, out_dir=None, *, num_requests: int | None = None,
         "threshold_s": threshold, "systems": res, "sustained_rate": sustained,
         "ratio_paged_over": {s: (sustained["paged"] / v if v else None)
                              for s, v in sustained.items() if s != "paged"},
+        "crossing_rate": crossing,
+        "ratio_paged_over_at_crossing": {
+            s: (crossing["paged"] / v if v and crossing["paged"] else None)
+            for s, v in crossing.items() if s != "paged"},
         "chunked_prefill_at_highest_rate": chunk,
         "compiles_during_timed_runs": compiles,
     }
@@ -216,6 +238,11 @@ def run(quick: bool = False, out_dir=None, *, num_requests: int | None = None,
     print("sustained rate: " + ", ".join(f"{s} {v:.2f}" for s, v in t["sustained_rate"].items())
           + "; paged / baseline: " + ", ".join(
               f"{s} {v:.2f}x" if v else f"{s} n/a" for s, v in t["ratio_paged_over"].items()))
+    print("threshold crossing (interpolated): " + ", ".join(
+        f"{s} {v:.1f}" if v else f"{s} none in the sweep" for s, v in t["crossing_rate"].items())
+          + "; paged / baseline: " + ", ".join(
+              f"{s} {v:.2f}x" if v else f"{s} n/a"
+              for s, v in t["ratio_paged_over_at_crossing"].items()))
     c = t["chunked_prefill_at_highest_rate"]
     print("chunked prefill " + " / ".join(c) + ": TTFT p50 " + " / ".join(
         f"{r['ttft_s_p50'] * 1e3:.0f}" for r in c.values()) + " ms, p99 " + " / ".join(
@@ -224,11 +251,15 @@ def run(quick: bool = False, out_dir=None, *, num_requests: int | None = None,
   report["headline"] = {
       f"sustained req/s {s} ({trace_names[0]})": round(v, 3)
       for s, v in first["sustained_rate"].items()
-  } | {f"paged / {s}": round(v, 3) for s, v in first["ratio_paged_over"].items() if v}
+  } | {f"paged / {s}": round(v, 3) for s, v in first["ratio_paged_over"].items() if v} | {
+      f"paged / {s} at the crossing": round(v, 3)
+      for s, v in first["ratio_paged_over_at_crossing"].items() if v}
   report["notes"] = [
       "Real wall-clock serving on a shared 2-core CPU: compare systems within one run.",
       f"Sustained rate: highest measured rate with mean normalized latency <= "
-      f"{THRESHOLD_FACTOR} x the paged engine's at the lowest rate (per trace).",
+      f"{THRESHOLD_FACTOR} x the paged engine's at the lowest rate (per trace); "
+      "crossing_rate: where the curve crosses that threshold, interpolated in log latency "
+      "between the measured rates around it.",
       "Rates are fractions of the paged engine's all-at-once request rate (capacity).",
       "Orca baselines are admission policies of this engine (same kernels, same budget), "
       "so only memory management differs, as in the paper's comparison.",

@@ -131,7 +131,7 @@ class _ProcessServer:
         [sys.executable, "main.py", "--mode=server", f"--port={self.port}",
          "--config.engine.block_size=16", "--precompile"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 900  # --precompile: every step program (~5 min here)
+    deadline = time.time() + 1800  # --precompile: every step program (~10 min here)
     while True:
       if self.proc.poll() is not None:
         raise RuntimeError(f"the server exited: {self.proc.stderr.read()[-2000:]}")

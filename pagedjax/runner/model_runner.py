@@ -458,10 +458,14 @@ class ModelRunner:
   def serving_program_keys(self, max_num_batched_tokens: int) -> list[tuple]:
     """The xla step programs (t_cap, r_cap, decode rows, tiles) a serving run reaches:
     decode-only steps for each sample-row bucket 1..pow2(max_num_seqs); for each token
-    bucket 8..pow2(budget), prefill-only and mixed steps with the usual tile count
-    t_cap / TILE_SIZE and twice it (chunks of several prompts in one step). A step with
-    even more tiles or rows (many short prompts at once) is rare and compiles when it
-    comes. With num_scheduler_steps > 1, the multi-step decode of each row bucket too."""
+    bucket 8..pow2(budget), prefill-only and mixed steps with every tile bucket a step of
+    that many tokens can have: from the usual t_cap / TILE_SIZE up to the most, one
+    partial tile per prefill sequence on top of the full ones (many short prompts in one
+    step: alpaca-like traffic reached 32 tiles at 128 tokens, and each such program
+    compiled in the middle of a timed serving run), at least twice the usual. A step
+    with more sample rows than its bucket's usual (n > 1 on several fresh prompts) still
+    compiles when it comes. With num_scheduler_steps > 1, the multi-step decode of each
+    row bucket too."""
     keys = []
     t_max = next_power_of_two(max_num_batched_tokens, _MIN_TOKEN_BUCKET)
     r = 1
@@ -476,8 +480,11 @@ class ModelRunner:
     while t_cap <= t_max:
       r_cap = self._row_bucket(1, t_cap, True)
       tiles = max(1, t_cap // TILE_SIZE)
-      for np_ in (tiles, 2 * tiles):
+      most = next_power_of_two(t_cap // TILE_SIZE + min(self.max_num_seqs, t_cap))
+      np_ = tiles
+      while np_ <= max(2 * tiles, most):
         keys += [(t_cap, r_cap, 0, np_), (t_cap, r_cap, r_cap, np_)]
+        np_ *= 2
       t_cap *= 2
     return keys
 
