@@ -64,11 +64,14 @@ def check_incremental(decode, ids):
   """Streams `ids` one token at a time: the text only grows, is always a prefix of the
   whole stream's decode, and equals it once the stream ends on a complete character."""
   inc = IncrementalDetokenizer(decode)
+  grown, same = [], IncrementalDetokenizer(decode)  # one list object appended to (the engine)
   full = decode(ids)
   prev = ""
   for k in range(1, len(ids) + 1):
     text = inc.update(ids[:k])
     assert text.startswith(prev) and full.startswith(text), (ids[:k], text, full)
+    grown.append(ids[k - 1])
+    assert same.update(grown) == text
     prev = text
   if not full.endswith("\ufffd"):
     assert prev == full

@@ -26,7 +26,7 @@ class IncrementalDetokenizer:
     decode: ids -> text (the tokenizer's decode).
   """
 
-  __slots__ = ("_decode", "_ids", "text", "_prefix", "_read")
+  __slots__ = ("_decode", "_ids", "text", "_prefix", "_read", "_src")
 
   def __init__(self, decode: Callable[[Sequence[int]], str]):
     self._decode = decode
@@ -34,14 +34,18 @@ class IncrementalDetokenizer:
     self.text = ""  # stable text: never shrinks while the stream only grows
     self._prefix = 0  # window start (token index)
     self._read = 0  # tokens whose text is in `text`
+    self._src = None  # the list object of the last call
 
   def update(self, ids: Sequence[int]) -> str:
     """The stable text of `ids` (a stream that extends the previous call's; any other
-    stream, e.g. a beam that took another parent's tokens, starts over)."""
+    stream, e.g. a beam that took another parent's tokens, starts over). The same list
+    object passed again is taken to have only grown (a Sequence's output_token_ids is
+    append-only), so a step costs O(new tokens), not a comparison of the whole stream."""
     n = len(self._ids)
-    if len(ids) < n or list(ids[:n]) != self._ids:
+    if len(ids) < n or (ids is not self._src and list(ids[:n]) != self._ids):
       self.__init__(self._decode)
       n = 0
+    self._src = ids
     if len(ids) == n:
       return self.text
     self._ids.extend(ids[n:])
