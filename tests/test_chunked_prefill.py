@@ -140,6 +140,18 @@ def test_serving_program_keys_cover_a_varied_run():
   assert llm.num_compilations == compiled  # steady state: nothing new
 
 
+def test_serving_program_keys_cover_a_step_of_many_short_prompts():
+  """Eight 3-token prompts arriving together make one 24-token step of 8 tiles (one
+  partial tile each), 4x the usual 2 of its 32-token bucket: alpaca-like traffic reached
+  such steps and compiled them in the middle of timed serving runs."""
+  llm = LLM(num_blocks=64, max_num_batched_tokens=64, max_num_seqs=8)
+  keys = set(llm.runner.serving_program_keys(64))
+  prompts = [[5 + i, 6, 7] for i in range(8)]
+  llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+  assert (32, 8, 0, 8) in llm.runner.programs  # the 8-tile prefill step ran
+  assert set(llm.runner.programs) <= keys, set(llm.runner.programs) - keys
+
+
 def test_precompile_runs_the_programs_and_writes_nothing():
   llm = LLM(num_blocks=64, block_size=8, max_num_batched_tokens=8, max_num_seqs=1)
   before = np.asarray(llm.runner.kv.k_pages).copy()
