@@ -258,8 +258,9 @@ def _component_times(llm: LLM, batch, samp, reps: int) -> dict:
   kv = [runner.kv]
 
   def full(b, s):  # chains the donated cache through the repeats
-    kv[0], out, _ = step_lib.step(params, kv[0], b, s, graphdef=runner._static_graph,
-                                  impl=runner.impl, vocab_size=runner.vocab_size)
+    kv[0], out, _ = step_lib.step(runner._param_leaves, kv[0], b, s,
+                                  graphdef=runner._static_graph, impl=runner.impl,
+                                  vocab_size=runner.vocab_size)
     return out
 
   @jax.jit

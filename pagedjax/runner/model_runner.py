@@ -140,13 +140,17 @@ class ModelRunner:
     self.host_pool = self._new_host_pool()
     graphdef, params = nnx.split(module)
     self._graphdef = graphdef
-    self._static_graph = step_lib.static_graph(graphdef)  # jit's static arg, hashed once
     params = jax.tree.map(lambda x: x.astype(self.dtype) if x.dtype == jnp.float32 else x, params)
     if self.mesh is not None:
       params = sharding_lib.replicate_kv_heads(params, num_kv_heads=cfg.num_kv_heads,
                                                head_dim=cfg.head_dim, tp=tp)
       params = sharding_lib.put_global(params, self.mesh, sharding_lib.param_specs(params))
     self._params = params
+    # What `step` takes: the parameters' arrays, unflattened inside (StaticGraph.param_tree);
+    # the static argument is interned, so jit's per-call hash is an identity check.
+    leaves, tree = jax.tree.flatten(params)
+    self._param_leaves = tuple(leaves)
+    self._static_graph = step_lib.static_graph(graphdef, tree)
     # Placed as a step's `feed_tokens` output is (committed, where the parameters are;
     # replicated on a mesh): jit keys its executables by their inputs' placement too, so
     # a host array here compiled every program a second time when a step first fed the
@@ -290,11 +294,11 @@ class ModelRunner:
     common = dict(graphdef=self._static_graph, impl=self.impl, vocab_size=self.vocab_size,
                   mesh=self.mesh)
     if ms is None:
-      self.kv, out, feed = step_lib.step(self._params, self.kv, batch, samp, **common)
+      self.kv, out, feed = step_lib.step(self._param_leaves, self.kv, batch, samp, **common)
       if feed.sharding != self._no_feed.sharding:
         self._no_feed = jax.device_put(self._no_feed, feed.sharding)
       return out, feed
-    self.kv, out = step_lib.multi_step(self._params, self.kv, batch, samp, ms,
+    self.kv, out = step_lib.multi_step(self._param_leaves, self.kv, batch, samp, ms,
                                        max_steps=self.num_scheduler_steps, **common)
     return out, None
 
@@ -538,8 +542,8 @@ class ModelRunner:
     """Yields (key, compiled executable) for every step program this runner ran: the
     same shapes compiled again (with a pool of `num_blocks` pages if given), for XLA's
     memory accounting (tests)."""
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          self._params)
+    params = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                   for x in self._param_leaves)
     kv = self.abstract_kv(num_blocks)
     common = dict(graphdef=self._static_graph, impl=self.impl, vocab_size=self.vocab_size,
                   mesh=self.mesh)
