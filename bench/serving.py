@@ -16,7 +16,8 @@ Metrics per (system, rate): normalized latency (end-to-end latency / output toke
 over requests: the paper's metric), TTFT and inter-token latency p50 / p99, throughput.
 Summary: the highest rate each system sustains with mean normalized latency below a
 threshold (stated: a multiple of the paged engine's at the lowest rate), the rate where
-its curve crosses the threshold (interpolated), and their ratios to each baseline. Separately, chunked prefill on vs off for the paged engine: TTFT.
+its curve crosses the threshold (interpolated), and their ratios to each baseline.
+Separately, chunked prefill on vs off for the paged engine: TTFT.
 
 Compilation: `LLM.precompile()` runs every step program the budget and max_num_seqs can
 reach before any timing (programs are shared per process, so once for all systems), and

@@ -21,11 +21,11 @@
 //
 // Where a decode's time went (perf annotate, 64 rows of context 250, D = 32): ~30% in
 // transposing each K page with scalar moves, ~14% in the row max (a chain of dependent
-// scalar instructions), ~25% loading V. With AVX-512 (the library is built with -march=native) a
-// page is transposed in registers (16 x 16 blocks); the max runs in 16 lanes; pages are
-// prefetched a few ahead (a page table scatters them over the pool): 1.4-1.6x faster on
-// decodes than the scalar version in the same process (15-19 GB/s of K/V on 2 cores),
-// 1.3x on prefill tiles.
+// scalar instructions), ~25% loading V. With AVX-512 (the library is built with
+// -march=native) a page is transposed in registers (16 x 16 blocks); the max runs in 16
+// lanes; pages are prefetched a few ahead (a page table scatters them over the pool):
+// 1.4-1.6x faster on decodes than the scalar version in the same process (15-19 GB/s of
+// K/V on 2 cores), 1.3x on prefill tiles.
 
 #include <algorithm>
 #include <atomic>
@@ -125,7 +125,8 @@ inline int64_t ElementBytes(Storage s) {
 // scattered over the pool, so the hardware prefetcher, which follows addresses within a
 // page, misses the first lines of every page. Always inlined: GCC deems a call to it free
 // of side effects (a prefetch changes no value) and deletes the call.
-[[gnu::always_inline]] inline void PrefetchPage(const Problem& pr, const void* base, const float* scale, int64_t row) {
+[[gnu::always_inline]] inline void PrefetchPage(const Problem& pr, const void* base,
+                                               const float* scale, int64_t row) {
   const int64_t bytes = pr.bs * pr.d * ElementBytes(pr.storage);
   const char* p = static_cast<const char*>(base) + row * bytes;
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
@@ -240,9 +241,12 @@ void Work(const Problem& pr, int64_t r, int64_t kh, std::vector<float>& scratch)
   for (int64_t j = 0; j < pages; ++j) {
     const int64_t count = std::min(bs, ctx - j * bs);
     if (j == 0)
-      for (int64_t a = 0; a < std::min(kAhead, pages); ++a) PrefetchPage(pr, pr.k, pr.k_scale, row_of(a));
-    if (const int64_t a = j + kAhead; a < pages) PrefetchPage(pr, pr.k, pr.k_scale, row_of(a));
-    else if (a - pages < pages) PrefetchPage(pr, pr.v, pr.v_scale, row_of(a - pages));  // V pass next
+      for (int64_t a = 0; a < std::min(kAhead, pages); ++a)
+        PrefetchPage(pr, pr.k, pr.k_scale, row_of(a));
+    if (const int64_t a = j + kAhead; a < pages)
+      PrefetchPage(pr, pr.k, pr.k_scale, row_of(a));
+    else if (a - pages < pages)  // the V pass is next
+      PrefetchPage(pr, pr.v, pr.v_scale, row_of(a - pages));
     const float* k = Page(pr, pr.k, pr.k_scale, row_of(j), count, buf);
     TransposePage<kD, kBs>(k, kt, d, bs, count);
     if constexpr (kBs > 0) {

@@ -39,10 +39,10 @@ class StaticGraph:
 
   __slots__ = ("graphdef", "param_tree", "_hash")
 
-  def __init__(self, graphdef: nnx.GraphDef, param_tree=None):
+  def __init__(self, graphdef: nnx.GraphDef, param_tree):
     self.graphdef = graphdef
-    # The treedef of the model's nnx State, if given: `step` then takes the parameters as
-    # the tuple of their arrays. Flattening the State's nnx Variables in Python cost ~60 us
+    # The treedef of the model's nnx State: `step` takes the parameters as the tuple of
+    # their arrays. Flattening the State's nnx Variables in Python cost ~60 us
     # per call, a twentieth of a batch-1 step; a tuple is flattened in C++.
     self.param_tree = param_tree
     self._hash = hash((graphdef, param_tree))
@@ -58,7 +58,7 @@ class StaticGraph:
 _INTERNED: dict[tuple, StaticGraph] = {}
 
 
-def static_graph(graphdef: nnx.GraphDef, param_tree=None) -> StaticGraph:
+def static_graph(graphdef: nnx.GraphDef, param_tree) -> StaticGraph:
   """The process's one StaticGraph for (graphdef, param_tree) pairs equal to these."""
   return _INTERNED.setdefault((graphdef, param_tree), StaticGraph(graphdef, param_tree))
 
@@ -157,8 +157,7 @@ def _forward_and_sample(params, kv, batch: StepBatch, samp: SamplingBatch, *, gr
                         vocab_size, mesh):
   """One packed forward (under shard_map on a mesh) and the sampling of its rows."""
 
-  if graphdef.param_tree is not None:  # the State's arrays (ModelRunner); else the State
-    params = jax.tree.unflatten(graphdef.param_tree, params)
+  params = jax.tree.unflatten(graphdef.param_tree, params)  # the State, from its arrays
 
   def forward(params, kv, batch):
     model = nnx.merge(graphdef.graphdef, params)
