@@ -373,6 +373,10 @@ WorkFn Pick(int64_t d, int64_t bs, int64_t rows) {
   return rows >= 4 ? PickRows<4>(d, bs) : rows >= 2 ? PickRows<2>(d, bs) : PickRows<1>(d, bs);
 }
 
+// Work (query row, head, key position triples; ~5 ns each at D = 32 on the development
+// VM) below which a helper thread is not worth its handoff: ~40 us.
+constexpr int64_t kWorkPerHelper = 8192;
+
 // Shared by the caller and the pool tasks; tasks that start after all items are done
 // only touch this (kept alive by shared_ptr), never the buffers.
 struct Queue {
@@ -449,8 +453,18 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
   qu->items = pr.b * pr.hkv;
   qu->pr = pr;
   qu->work = Pick(pr.d, pr.bs, pr.t * (pr.h / pr.hkv));
-  const int64_t helpers =
-      std::min<int64_t>({num_threads - 1, pool.num_threads(), qu->items - 1});
+  // Helpers only for work worth a handoff: a helper that claims an item and is then
+  // descheduled (2 cores, with the host thread busy beside XLA's) stalls the caller for
+  // a time slice, which cost a batch-1 decode's first layer ~0.2 ms in half the steps.
+  int64_t work = 0;  // (query row, head, key position) triples, a proxy for time
+  for (int64_t r = 0; r < pr.b; ++r) {
+    int64_t last = -1;
+    for (int64_t i = 0; i < pr.t; ++i) last = std::max<int64_t>(last, pr.pos[r * pr.t + i]);
+    work += (last + 1) * pr.t;
+  }
+  work *= pr.h;
+  const int64_t helpers = std::min<int64_t>(
+      {num_threads - 1, pool.num_threads(), qu->items - 1, work / kWorkPerHelper});
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([qu] { Drain(*qu); });
   Drain(*qu);
   while (qu->done.load(std::memory_order_acquire) < qu->items) std::this_thread::yield();
