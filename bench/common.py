@@ -79,8 +79,10 @@ def median_time(fn, *args, reps: int) -> float:
   return float(np.median(times))
 
 
-def matmul_rate(reps: int, shape: tuple[int, int, int] = (256, 256, 704)) -> dict:
-  """Median float32 GFLOP/s of a jitted [m, k] x [k, n] product on this machine, now.
+def matmul_rate(reps: int, shape: tuple[int, int, int] = (256, 256, 704),
+                matmul=None) -> dict:
+  """Median float32 GFLOP/s of a jitted [m, k] x [k, n] product on this machine, now
+  (`matmul`: the product to time, default `jnp.matmul`, i.e. XLA's).
 
   The yardstick for engine figures measured in the same run (the machine is shared).
   """
@@ -91,7 +93,7 @@ def matmul_rate(reps: int, shape: tuple[int, int, int] = (256, 256, 704)) -> dic
   m, k, n = shape
   a = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), jnp.float32)
   b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.float32)
-  t = median_time(jax.jit(jnp.matmul), a, b, reps=reps)
+  t = median_time(jax.jit(matmul or jnp.matmul), a, b, reps=reps)
   return {"shape": f"{m}x{k}x{n}", "median_s": t, "gflops": 2 * m * k * n / t / 1e9}
 
 

@@ -60,6 +60,7 @@ from bench.workloads import make_trace
 from pagedjax import LLM, SamplingParams
 from pagedjax.entrypoints.llm import resolve_attention_impl
 from pagedjax.weights import checkpoint
+from pagedjax.runner import cpu_attention, cpu_matmul
 from pagedjax.runner import kv_cache as kvc
 from pagedjax.runner import sampler
 from pagedjax.runner.attention import ragged_paged_attention
@@ -84,11 +85,16 @@ def machine_info() -> dict:
 
 
 def matmul_rate(reps: int) -> dict:
-  """Median float32 GFLOP/s of jitted [m, k] x [k, n] products on this machine."""
+  """Median float32 GFLOP/s of jitted [m, k] x [k, n] products on this machine: XLA's
+  (the yardstick of every ratio here) and, where it builds, the native product that the
+  engine's projections use under attention_impl="cpu" (pagedjax.runner.cpu_matmul)."""
   out = {}
-  for shape in ((256, 256, 704), (64, 256, 704), (1024, 1024, 1024)):
+  for shape in ((256, 256, 704), (64, 256, 704), (8, 256, 704), (1024, 1024, 1024)):
     r = common.matmul_rate(reps, shape)
     out[r["shape"]] = {"median_s": r["median_s"], "gflops": r["gflops"]}
+    if cpu_attention.available():
+      r = common.matmul_rate(reps, shape, matmul=cpu_matmul.matmul)
+      out[r["shape"]]["native_gflops"] = r["gflops"]
   return out
 
 
@@ -266,11 +272,12 @@ def _component_times(llm: LLM, batch, samp, reps: int) -> dict:
   @jax.jit
   def matmuls(params, x, positions):
     model = nnx.merge(graphdef, params)
-    for layer in model.layers:
-      q, k, v = layer.attn.qkv(layer.attn_norm(x), positions)
-      x = x + layer.attn.out(q) + (k.sum() + v.sum())  # keep k/v projections live
-      x = x + layer.mlp(layer.mlp_norm(x))
-    return model.logits(x[:, batch.logits_index])
+    with cpu_matmul.enabled(runner.impl == "cpu" and runner.mesh is None):  # as the step
+      for layer in model.layers:
+        q, k, v = layer.attn.qkv(layer.attn_norm(x), positions)
+        x = x + layer.attn.out(q) + (k.sum() + v.sum())  # keep k/v projections live
+        x = x + layer.mlp(layer.mlp_norm(x))
+      return model.logits(x[:, batch.logits_index])
 
   sm_scale = cfg.head_dim**-0.5
 

@@ -7,8 +7,9 @@ implemented in `cpu_attention.cc`. The xla path stays the reference.
 
 The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else g++,
 c++ or clang++) against the XLA FFI headers shipped in jaxlib (`jax.ffi.include_dir()`),
-into `$PAGEDJAX_CACHE_DIR` (default `~/.cache/pagedjax`), keyed by the source, the
-flags, the jaxlib version and the CPU, like Triton's and torch's C++ extensions. Builds
+into `$PAGEDJAX_CACHE_DIR` (default `~/.cache/pagedjax`), together with the model's
+native product (`cpu_matmul.cc`, pagedjax.runner.cpu_matmul) as one library, keyed by the
+sources, the flags, the jaxlib version and the CPU, like Triton's and torch's C++ extensions. Builds
 are serialised across processes with a file lock. `available()` says whether it can be
 built here; `LLM(attention_impl="auto")` picks "cpu" on CPU when it can, "xla" otherwise.
 """
@@ -31,7 +32,11 @@ import ml_dtypes
 import numpy as np
 
 _SRC = pathlib.Path(__file__).with_suffix(".cc")
+# One library holds the native CPU kernels: this attention and the float32 product of
+# the model's projections (pagedjax.runner.cpu_matmul).
+_SOURCES = (_SRC, _SRC.with_name("cpu_matmul.cc"))
 _TARGET = "pagedjax_cpu_paged_attention"
+MATMUL_TARGET = "pagedjax_cpu_matmul"
 # -march=native: the library is built on the machine that runs it (the key has the CPU).
 # -fopenmp-simd: only the loops marked `omp simd` (dot products, sums) may be
 # reassociated into vector lanes; no -ffast-math elsewhere. No OpenMP runtime.
@@ -77,8 +82,8 @@ def library_path() -> pathlib.Path:
                      "$CXX); none was found on PATH")
   include = jax.ffi.include_dir()
   key = hashlib.sha256("\0".join(
-    [_SRC.read_text(), cxx, *_FLAGS, jax.__version__, str(include), platform.machine(),
-     _cpu_model()]).encode()).hexdigest()[:16]
+    [*(src.read_text() for src in _SOURCES), cxx, *_FLAGS, jax.__version__, str(include),
+     platform.machine(), _cpu_model()]).encode()).hexdigest()[:16]
   out_dir = _cache_dir()
   out_dir.mkdir(parents=True, exist_ok=True)
   lib = out_dir / f"cpu_attention-{key}.so"
@@ -90,11 +95,12 @@ def library_path() -> pathlib.Path:
       return lib
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [cxx, *_FLAGS, f"-I{include}", str(_SRC), "-o", tmp]
+    cmd = [cxx, *_FLAGS, f"-I{include}", *map(str, _SOURCES), "-o", tmp]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
       os.unlink(tmp)
-      raise BuildError(f"building {_SRC.name} failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+      names = ", ".join(src.name for src in _SOURCES)
+      raise BuildError(f"building {names} failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
     os.replace(tmp, lib)  # atomic: readers see the whole library or none
   return lib
 
@@ -105,6 +111,8 @@ def _register() -> None:
 
   lib = ctypes.cdll.LoadLibrary(str(library_path()))
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.PagedjaxCpuPagedAttention),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.PagedjaxCpuMatmul),
                               platform="cpu")
 
 

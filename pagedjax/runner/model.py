@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pagedjax.runner import cpu_matmul
 from pagedjax.runner import kv_cache as kvc
 from pagedjax.runner.attention import ROW_IMPLS, AttentionMetadata, ragged_paged_attention
 from pagedjax.runner.kv_cache import KVCache
@@ -201,7 +202,8 @@ class Attention(nnx.Module):
     self.cfg = cfg
     dt, std = cfg.compute_dtype, 0.02
     lin = lambda i, o, bias, s: nnx.Linear(
-      i, o, use_bias=bias, dtype=dt, kernel_init=_normal(s), rngs=rngs
+      i, o, use_bias=bias, dtype=dt, kernel_init=_normal(s), rngs=rngs,
+      dot_general=cpu_matmul.dot_general,
     )
     self.q_proj = lin(cfg.dim, cfg.num_heads * cfg.head_dim, cfg.qkv_bias, std)
     self.k_proj = lin(cfg.dim, cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, std)
@@ -263,7 +265,8 @@ class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt = cfg.compute_dtype
     lin = lambda i, o, s: nnx.Linear(
-      i, o, use_bias=False, dtype=dt, kernel_init=_normal(s), rngs=rngs
+      i, o, use_bias=False, dtype=dt, kernel_init=_normal(s), rngs=rngs,
+      dot_general=cpu_matmul.dot_general,
     )
     self.gate_proj = lin(cfg.dim, cfg.hidden_dim, 0.02)
     self.up_proj = lin(cfg.dim, cfg.hidden_dim, 0.02)

@@ -18,7 +18,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from pagedjax.runner import sampler
+from pagedjax.runner import cpu_matmul, sampler
 from pagedjax.runner import sharding as sharding_lib
 from pagedjax.runner.attention import AttentionMetadata
 
@@ -161,10 +161,12 @@ def _forward_and_sample(params, kv, batch: StepBatch, samp: SamplingBatch, *, gr
 
   def forward(params, kv, batch):
     model = nnx.merge(graphdef.graphdef, params)
-    return model.forward_packed(
-        batch.token_ids, batch.positions, kv, slot_mapping=batch.slot_mapping,
-        attn_meta=batch.attn, logits_index=batch.logits_index, impl=impl,
-        tp_axis=None if mesh is None else sharding_lib.AXIS)  # [R, V]
+    # The native products with the native attention, on one device (cpu_matmul).
+    with cpu_matmul.enabled(impl == "cpu" and mesh is None):
+      return model.forward_packed(
+          batch.token_ids, batch.positions, kv, slot_mapping=batch.slot_mapping,
+          attn_meta=batch.attn, logits_index=batch.logits_index, impl=impl,
+          tp_axis=None if mesh is None else sharding_lib.AXIS)  # [R, V]
 
   if mesh is not None:
     kv_specs = jax.tree.map(lambda _: sharding_lib.KV_SPEC, kv)
