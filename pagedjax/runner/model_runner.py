@@ -39,6 +39,7 @@ MAX_BANNED = 8      # banned ids per sample row (min_tokens: stop ids + EOS)
 MIN_FEED_WIDTH = 64  # StepBatch.prev_tokens width: engines up to 64 sequences share programs
 POOL_GRANULE = 64   # device / host page arrays are padded to a multiple of this
 _MIN_TOKEN_BUCKET = 8
+_MIN_DECODE_BUCKET = 1  # decode-only steps: T = the sample-row bucket (1, 2, 4, 8, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +333,11 @@ class ModelRunner:
     lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, len(seqs))  # [S]
     starts = np.fromiter((s.start for s in seqs), np.int64, len(seqs))
     num_tokens = int(lens.sum())
-    t_cap = next_power_of_two(num_tokens, _MIN_TOKEN_BUCKET)
+    # Decode rows: one-token entries that sample (a one-token chunk in mid-prompt, left by
+    # the budget, is a tile: decode rows are padded to the sample-row bucket).
+    is_decode = (lens == 1) & np.fromiter((bool(s.sample_indices) for s in seqs), bool, len(seqs))
+    t_cap = next_power_of_two(num_tokens, _MIN_DECODE_BUCKET if is_decode.all()
+                              else _MIN_TOKEN_BUCKET)
     cu = np.zeros(len(seqs) + 1, np.int64)
     np.cumsum(lens, out=cu[1:])
     tables = np.zeros((len(seqs), self.max_blocks_per_seq), np.int32)
@@ -352,9 +357,6 @@ class ModelRunner:
     feed_index = np.full(t_cap, -1, np.int32)
     feed_index[cu[:-1][fed]] = feed_rows[fed]
 
-    # Decode rows: one-token entries that sample (a one-token chunk in mid-prompt, left by
-    # the budget, is a tile: decode rows are padded to the sample-row bucket).
-    is_decode = (lens == 1) & np.fromiter((bool(s.sample_indices) for s in seqs), bool, len(seqs))
     r_cap = self._row_bucket(sum(len(s.sample_indices) for s in seqs), t_cap,
                              bool((~is_decode).any()))
     samp, logits_index = self._sampling(seqs, cu, r_cap)
@@ -474,7 +476,7 @@ class ModelRunner:
     t_max = next_power_of_two(max_num_batched_tokens, _MIN_TOKEN_BUCKET)
     r = 1
     while r <= next_power_of_two(self.max_num_seqs):
-      t_cap = next_power_of_two(r, _MIN_TOKEN_BUCKET)
+      t_cap = next_power_of_two(r, _MIN_DECODE_BUCKET)
       if t_cap <= t_max:
         keys.append((t_cap, r, r, 0))
         if self.num_scheduler_steps > 1:
