@@ -77,6 +77,20 @@ def test_dot_general_is_native_only_where_it_applies():
   np.testing.assert_array_equal(np.asarray(y), np.full((2, 3, 48), 32.0, np.float32))
 
 
+def test_it_differentiates_like_xlas_product():
+  """A program traced inside enabled() keeps the native call in jit's cache (the context
+  is not a key), so it must still differentiate: its JVP rule is XLA's products."""
+  a, w = _data(1, 5, 32, 48)
+
+  def loss(a, w):
+    return (cpu_matmul.matmul(a, w) ** 2).sum()
+
+  got = jax.grad(loss, argnums=(0, 1))(a, w)
+  want = jax.grad(lambda a, w: ((a @ w) ** 2).sum(), argnums=(0, 1))(a, w)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
 def test_matmul_refuses_what_it_cannot_compute():
   with pytest.raises(ValueError, match=r"a \(2, 8\) and w \(8, 40\)"):
     cpu_matmul.matmul(jnp.ones((2, 8)), jnp.ones((8, 40)))
@@ -95,3 +109,18 @@ def test_the_cpu_step_uses_it_and_gives_the_xla_steps_tokens():
     texts = [c.as_text() for _, c in llm.runner.compiled_programs()]
     assert texts and all((cpu_attention.MATMUL_TARGET in t) == (impl == "cpu") for t in texts)
   assert outs["cpu"] == outs["xla"]
+
+
+def test_decode_steps_run_one_row_only_with_the_native_products():
+  """T = the sample-row bucket for decode-only steps where the products are native (a
+  row's result does not depend on M), at least 8 rows with XLA's (they round differently
+  below 8); a one-token prompt with n = 4 runs 4 rows, in the serving keys."""
+  params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+  for impl, t_cap in (("cpu", 1), ("xla", 8)):
+    llm = LLM(num_blocks=64, attention_impl=impl)
+    llm.generate([[5, 6, 7]], params)
+    assert (t_cap, 1, 1, 0) in llm.runner.programs, (impl, set(llm.runner.programs))
+  llm = LLM(num_blocks=64)
+  out = llm.generate([[9]], SamplingParams(max_tokens=3, n=4, temperature=1.0, seed=0))
+  assert len(out[0].outputs) == 4
+  assert set(llm.runner.programs) <= set(llm.runner.serving_program_keys(64))

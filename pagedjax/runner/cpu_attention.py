@@ -106,7 +106,9 @@ def library_path() -> pathlib.Path:
 
 
 @functools.cache
-def _register() -> None:
+def _register() -> bool:
+  """Registers the library's FFI targets; returns whether its matmul has the AVX-512
+  tiles (pagedjax.runner.cpu_matmul)."""
   import ctypes
 
   lib = ctypes.cdll.LoadLibrary(str(library_path()))
@@ -114,6 +116,7 @@ def _register() -> None:
                               platform="cpu")
   jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.PagedjaxCpuMatmul),
                               platform="cpu")
+  return bool(lib.PagedjaxCpuMatmulIsVectorized())
 
 
 @functools.cache

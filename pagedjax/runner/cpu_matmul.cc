@@ -9,7 +9,8 @@
 // Exactness: every output element is the float32 fused multiply-add chain
 // sum_k a[m, k] w[k, n] taken in the order k = 0, 1, ..., K - 1, whatever M, the tile or
 // the thread that computes it: a row's result does not depend on the rows batched with
-// it (the engine's outputs do not change with the batch's composition or bucket).
+// it (the engine's projections do not change with the batch's composition or bucket;
+// its tied LM head is still XLA's product).
 //
 // Tiling: 16-wide AVX-512 vectors; a tile of up to 6 rows x 64 columns keeps 24
 // accumulators in registers while it walks K (w's rows of the tile are 256 contiguous
@@ -88,16 +89,20 @@ void Panel(const float* a, const float* w, float* c, int64_t m, int64_t k, int64
   }
 }
 
-#else  // the same order of operations, scalar (std::fma keeps the fused rounding)
+#else  // the same order of operations (std::fma keeps the fused rounding), for builds
+        // without AVX-512: correct, but Python routes products to XLA then
+        // (PagedjaxCpuMatmulIsVectorized)
 
 template <int V>
 void Panel(const float* a, const float* w, float* c, int64_t m, int64_t k, int64_t n) {
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < 16 * V; ++j) {
-      float s = 0.0f;
-      for (int64_t t = 0; t < k; ++t) s = std::fma(a[i * k + t], w[t * n + j], s);
-      c[i * n + j] = s;
+  for (int64_t i = 0; i < m; ++i) {
+    float* ci = c + i * n;
+    std::fill(ci, ci + 16 * V, 0.0f);
+    for (int64_t t = 0; t < k; ++t) {  // rows of w in order: contiguous inner loop
+      const float ait = a[i * k + t];
+      for (int64_t j = 0; j < 16 * V; ++j) ci[j] = std::fma(ait, w[t * n + j], ci[j]);
     }
+  }
 }
 
 #endif
@@ -161,6 +166,15 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
 }
 
 }  // namespace
+
+// Whether this build has the AVX-512 tiles (the scalar loop is slower than XLA's products).
+extern "C" int PagedjaxCpuMatmulIsVectorized() {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxCpuMatmul, Matmul,
                               ffi::Ffi::Bind()

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from pagedjax.intmath import ceil_div, next_power_of_two, round_up
+from pagedjax.runner import cpu_matmul
 from pagedjax.runner import kv_cache as kvc
 from pagedjax.runner import sharding as sharding_lib
 from pagedjax.runner import step as step_lib
@@ -39,7 +40,6 @@ MAX_BANNED = 8      # banned ids per sample row (min_tokens: stop ids + EOS)
 MIN_FEED_WIDTH = 64  # StepBatch.prev_tokens width: engines up to 64 sequences share programs
 POOL_GRANULE = 64   # device / host page arrays are padded to a multiple of this
 _MIN_TOKEN_BUCKET = 8
-_MIN_DECODE_BUCKET = 1  # decode-only steps: T = the sample-row bucket (1, 2, 4, 8, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +118,18 @@ class ModelRunner:
                                               hidden_dim=cfg.hidden_dim, num_devices=tp)
     self.impl = attention_impl
     self.max_num_seqs = max_num_seqs
+    self.dtype = jnp.dtype(dtype)
+    # Decode-only steps run T = their sample-row bucket (1, 2, 4, ...) where the model's
+    # products are the native ones (a row's projections do not depend on M); XLA's
+    # products round differently at M < 8 than at 8, so elsewhere 8 rows at least.
+    self._min_decode_bucket = (
+      1 if (attention_impl == "cpu" and self.mesh is None and self.dtype == jnp.float32
+            and cpu_matmul.native_available()) else _MIN_TOKEN_BUCKET)
     # StepBatch.prev_tokens when nothing is fed; its width is that of the tokens a step
     # hands the next one on the device (async scheduling): at least every sample row (a
     # step draws at most pow2(max_num_seqs) rows). Placed below, on the device.
     no_feed = np.zeros(max(MIN_FEED_WIDTH, next_power_of_two(max_num_seqs)), np.int32)
     self.num_scheduler_steps = num_scheduler_steps
-    self.dtype = jnp.dtype(dtype)
     self.kv_cache_dtype = self.dtype if kv_cache_dtype is None else jnp.dtype(kv_cache_dtype)
     self.swap_dtype = None if swap_dtype is None else jnp.dtype(swap_dtype)
     self.async_swap = async_swap
@@ -336,8 +342,11 @@ class ModelRunner:
     # Decode rows: one-token entries that sample (a one-token chunk in mid-prompt, left by
     # the budget, is a tile: decode rows are padded to the sample-row bucket).
     is_decode = (lens == 1) & np.fromiter((bool(s.sample_indices) for s in seqs), bool, len(seqs))
-    t_cap = next_power_of_two(num_tokens, _MIN_DECODE_BUCKET if is_decode.all()
-                              else _MIN_TOKEN_BUCKET)
+    if is_decode.all():  # T = the sample-row bucket (n > 1 on a one-token prompt: more rows)
+      rows = sum(len(s.sample_indices) for s in seqs)
+      t_cap = next_power_of_two(max(num_tokens, rows), self._min_decode_bucket)
+    else:
+      t_cap = next_power_of_two(num_tokens, _MIN_TOKEN_BUCKET)
     cu = np.zeros(len(seqs) + 1, np.int64)
     np.cumsum(lens, out=cu[1:])
     tables = np.zeros((len(seqs), self.max_blocks_per_seq), np.int32)
@@ -476,7 +485,7 @@ class ModelRunner:
     t_max = next_power_of_two(max_num_batched_tokens, _MIN_TOKEN_BUCKET)
     r = 1
     while r <= next_power_of_two(self.max_num_seqs):
-      t_cap = next_power_of_two(r, _MIN_DECODE_BUCKET)
+      t_cap = next_power_of_two(r, self._min_decode_bucket)
       if t_cap <= t_max:
         keys.append((t_cap, r, r, 0))
         if self.num_scheduler_steps > 1:
