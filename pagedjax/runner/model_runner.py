@@ -342,9 +342,9 @@ class ModelRunner:
     # Decode rows: one-token entries that sample (a one-token chunk in mid-prompt, left by
     # the budget, is a tile: decode rows are padded to the sample-row bucket).
     is_decode = (lens == 1) & np.fromiter((bool(s.sample_indices) for s in seqs), bool, len(seqs))
+    num_rows = sum(len(s.sample_indices) for s in seqs)
     if is_decode.all():  # T = the sample-row bucket (n > 1 on a one-token prompt: more rows)
-      rows = sum(len(s.sample_indices) for s in seqs)
-      t_cap = next_power_of_two(max(num_tokens, rows), self._min_decode_bucket)
+      t_cap = next_power_of_two(max(num_tokens, num_rows), self._min_decode_bucket)
     else:
       t_cap = next_power_of_two(num_tokens, _MIN_TOKEN_BUCKET)
     cu = np.zeros(len(seqs) + 1, np.int64)
@@ -366,8 +366,7 @@ class ModelRunner:
     feed_index = np.full(t_cap, -1, np.int32)
     feed_index[cu[:-1][fed]] = feed_rows[fed]
 
-    r_cap = self._row_bucket(sum(len(s.sample_indices) for s in seqs), t_cap,
-                             bool((~is_decode).any()))
+    r_cap = self._row_bucket(num_rows, t_cap, bool((~is_decode).any()))
     samp, logits_index = self._sampling(seqs, cu, r_cap)
     attn, attn_key = (self._tiles(lens, starts, cu, tables, t_cap, r_cap, is_decode)
                       if self.impl in ROW_IMPLS else self._ragged(lens, starts, cu, tables))
