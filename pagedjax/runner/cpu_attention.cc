@@ -28,20 +28,18 @@
 // K/V on 2 cores), 1.3x on prefill tiles.
 
 #include <algorithm>
-#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -377,24 +375,6 @@ WorkFn Pick(int64_t d, int64_t bs, int64_t rows) {
 // VM) below which a helper thread is not worth its handoff: ~40 us.
 constexpr int64_t kWorkPerHelper = 8192;
 
-// Shared by the caller and the pool tasks; tasks that start after all items are done
-// only touch this (kept alive by shared_ptr), never the buffers.
-struct Queue {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t items = 0;
-  Problem pr;
-  WorkFn work = nullptr;
-};
-
-void Drain(Queue& qu) {
-  std::vector<float> scratch;
-  for (int64_t i; (i = qu.next.fetch_add(1)) < qu.items;) {
-    qu.work(qu.pr, i / qu.pr.hkv, i % qu.pr.hkv, scratch);
-    qu.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
                   ffi::AnyBuffer v, ffi::Buffer<ffi::F32> k_scale,
                   ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::F32> lut,
@@ -449,10 +429,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
   pr.layer = l;
   pr.sm_scale = sm_scale;
 
-  auto qu = std::make_shared<Queue>();
-  qu->items = pr.b * pr.hkv;
-  qu->pr = pr;
-  qu->work = Pick(pr.d, pr.bs, pr.t * (pr.h / pr.hkv));
+  const int64_t items = pr.b * pr.hkv;  // (tile, kv head) pairs
+  const WorkFn fn = Pick(pr.d, pr.bs, pr.t * (pr.h / pr.hkv));
   // Helpers only for work worth a handoff: a helper that claims an item and is then
   // descheduled (2 cores, with the host thread busy beside XLA's) stalls the caller for
   // a time slice, which cost a batch-1 decode's first layer ~0.2 ms in half the steps.
@@ -464,10 +442,11 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
   }
   work *= pr.h;
   const int64_t helpers = std::min<int64_t>(
-      {num_threads - 1, pool.num_threads(), qu->items - 1, work / kWorkPerHelper});
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([qu] { Drain(*qu); });
-  Drain(*qu);
-  while (qu->done.load(std::memory_order_acquire) < qu->items) std::this_thread::yield();
+      {num_threads - 1, pool.num_threads(), items - 1, work / kWorkPerHelper});
+  pagedjax::RunItems(pool, items, helpers, [&](int64_t i) {
+    thread_local std::vector<float> scratch;  // grown to the largest tile's need, kept
+    fn(pr, i / pr.hkv, i % pr.hkv, scratch);
+  });
   return ffi::Error::Success();
 }
 

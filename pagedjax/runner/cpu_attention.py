@@ -35,6 +35,7 @@ _SRC = pathlib.Path(__file__).with_suffix(".cc")
 # One library holds the native CPU kernels: this attention and the float32 product of
 # the model's projections (pagedjax.runner.cpu_matmul).
 _SOURCES = (_SRC, _SRC.with_name("cpu_matmul.cc"))
+_HEADERS = (_SRC.with_name("cpu_pool.h"),)  # in the build key too
 _TARGET = "pagedjax_cpu_paged_attention"
 MATMUL_TARGET = "pagedjax_cpu_matmul"
 # -march=native: the library is built on the machine that runs it (the key has the CPU).
@@ -82,7 +83,7 @@ def library_path() -> pathlib.Path:
                      "$CXX); none was found on PATH")
   include = jax.ffi.include_dir()
   key = hashlib.sha256("\0".join(
-    [*(src.read_text() for src in _SOURCES), cxx, *_FLAGS, jax.__version__, str(include),
+    [*(src.read_text() for src in (*_SOURCES, *_HEADERS)), cxx, *_FLAGS, jax.__version__, str(include),
      platform.machine(), _cpu_model()]).encode()).hexdigest()[:16]
   out_dir = _cache_dir()
   out_dir.mkdir(parents=True, exist_ok=True)

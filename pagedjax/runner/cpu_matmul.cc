@@ -19,16 +19,14 @@
 // to pay for the handoff.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <thread>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -107,27 +105,15 @@ void Panel(const float* a, const float* w, float* c, int64_t m, int64_t k, int64
 
 #endif
 
-struct Queue {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t items = 0, m = 0, k = 0, n = 0;
-  const float* a = nullptr;
-  const float* w = nullptr;
-  float* c = nullptr;
-};
-
-void Drain(Queue& q) {
-  for (int64_t i; (i = q.next.fetch_add(1)) < q.items;) {
-    const int64_t n0 = i * kPanel;
-    const float* w = q.w + n0;
-    float* c = q.c + n0;
-    switch (std::min<int64_t>(kPanel, q.n - n0) / 16) {
-      case 4: Panel<4>(q.a, w, c, q.m, q.k, q.n); break;
-      case 3: Panel<3>(q.a, w, c, q.m, q.k, q.n); break;
-      case 2: Panel<2>(q.a, w, c, q.m, q.k, q.n); break;
-      default: Panel<1>(q.a, w, c, q.m, q.k, q.n); break;
-    }
-    q.done.fetch_add(1, std::memory_order_release);
+// Columns [64 i, 64 i + 64) of c (the last panel may be narrower: N is a multiple of 16).
+void RunPanel(const float* a, const float* w, float* c, int64_t m, int64_t k, int64_t n,
+              int64_t i) {
+  const int64_t n0 = i * kPanel;
+  switch (std::min<int64_t>(kPanel, n - n0) / 16) {
+    case 4: Panel<4>(a, w + n0, c + n0, m, k, n); break;
+    case 3: Panel<3>(a, w + n0, c + n0, m, k, n); break;
+    case 2: Panel<2>(a, w + n0, c + n0, m, k, n); break;
+    default: Panel<1>(a, w + n0, c + n0, m, k, n); break;
   }
 }
 
@@ -146,22 +132,17 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
       cd[0] != ad[0] || cd[1] != wd[1] || wd[1] % 16 != 0)
     return ffi::Error::InvalidArgument("cpu matmul: shapes must be a[M, K] w[K, N] c[M, N] "
                                        "with N a multiple of 16");
-  auto q = std::make_shared<Queue>();
-  q->m = ad[0];
-  q->k = ad[1];
-  q->n = wd[1];
-  q->a = a.typed_data();
-  q->w = w.typed_data();
-  q->c = c->typed_data();
-  q->items = (q->n + kPanel - 1) / kPanel;
-  if (q->m == 0 || q->n == 0) return ffi::Error::Success();
+  const int64_t m = ad[0], k = ad[1], n = wd[1];
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  const int64_t items = (n + kPanel - 1) / kPanel;
   const int64_t helpers =
-      WorthHelpers(q->m, q->k, q->n)
-          ? std::min<int64_t>({num_threads - 1, pool.num_threads(), q->items - 1})
-          : 0;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([q] { Drain(*q); });
-  Drain(*q);
-  while (q->done.load(std::memory_order_acquire) < q->items) std::this_thread::yield();
+      WorthHelpers(m, k, n) ? std::min<int64_t>({num_threads - 1, pool.num_threads(), items - 1})
+                            : 0;
+  const float* ap = a.typed_data();
+  const float* wp = w.typed_data();
+  float* cp = c->typed_data();
+  pagedjax::RunItems(pool, items, helpers,
+                     [&](int64_t i) { RunPanel(ap, wp, cp, m, k, n, i); });
   return ffi::Error::Success();
 }
 
