@@ -411,8 +411,8 @@ def steady_decode(
       return _orig(so, handle)
 
     llm.runner.prepare, llm.runner.fetch = capture, fetch
-    st["targets"] = [(step_lib, "step", phase == "split"),
-                     (step_lib, "multi_step", phase == "split")]
+    st["targets"] = [(step_lib, "step_program", phase == "split"),
+                     (step_lib, "multi_step_program", phase == "split")]
     if phase == "split":
       st["targets"] += [(llm.scheduler, "schedule", False), (llm.runner, "prepare", False)]
     return st
@@ -466,7 +466,7 @@ def steady_decode(
         if len(st["times"]) % window == 0:  # this window's device steps, for the pairing
           last = st["splits"][-window:]
           st["window_device"].append(
-              float(np.mean([x.get("step", 0.0) + x.get("multi_step", 0.0) for x in last])))
+              float(np.mean([x.get("step_program", 0.0) + x.get("multi_step_program", 0.0) for x in last])))
           return
 
   states = [phase_state("plain"), phase_state("split")]
@@ -494,8 +494,8 @@ def steady_decode(
       continue
     captured = st["captured"]
     med = {k: float(np.median([s.get(k, 0.0) for s in splits]))
-           for k in ("schedule", "prepare", "step", "multi_step", "total")}
-    device = med["step"] + med["multi_step"]
+           for k in ("schedule", "prepare", "step_program", "multi_step_program", "total")}
+    device = med["step_program"] + med["multi_step_program"]
     result["step_split_s"] = {  # per engine step (num_scheduler_steps decode steps)
       "scheduler": med["schedule"],
       "prepare_batch": med["prepare"],

@@ -172,11 +172,11 @@ def test_steps_fed_on_the_device_run_the_precompiled_executables():
             attention_impl="xla")
   assert llm.async_scheduling
   llm.precompile()
-  executables = step_lib.step._cache_size()  # this process's compiled step executables
+  executables = step_lib.num_executables()  # this process's compiled step executables
   programs = set(llm.runner.programs)
   out = llm.generate([[5, 6, 7], list(range(1, 12))],
                      SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
   assert all(len(o.outputs[0].token_ids) == 8 for o in out)
   assert llm.memory_stats()["num_ahead_steps"] > 5
   # (a step shape precompile leaves out, e.g. more tiles, compiles when it comes, once)
-  assert step_lib.step._cache_size() - executables <= len(set(llm.runner.programs) - programs)
+  assert step_lib.num_executables() - executables <= len(set(llm.runner.programs) - programs)

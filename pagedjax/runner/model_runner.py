@@ -167,6 +167,8 @@ class ModelRunner:
              if self.mesh is not None else jax.tree.leaves(params)[0].sharding)
     self._no_feed = jax.device_put(no_feed, where)
     self.programs: dict[tuple, tuple] = {}  # program key -> abstract (batch, sampling)
+    # (t_cap, r_cap, attention shape) -> (all-padding packed inputs, their layout)
+    self._inputs: dict[tuple, tuple[np.ndarray, step_lib.PackLayout]] = {}
 
   # ------------------------------------------------------------------ state
   def _new_kv(self) -> kvc.KVCache:
@@ -265,14 +267,13 @@ class ModelRunner:
       one ran (async scheduling): each sequence with `feed_row` >= 0 feeds that row's
       sampled token, taken on the device (its token_ids entry is a placeholder).
     """
-    batch, samp, key = self.prepare(so)
-    if prev is not None:
-      batch = batch.replace(prev_tokens=prev[1])
+    batch, samp, key, inputs = self.prepare(so)
+    prev_tokens = self._no_feed if prev is None else prev[1]
     if so.num_steps == 1:
-      out, feed = self._run(batch, samp, key)
+      out, feed = self._run(key, inputs, prev_tokens)
     else:
       ms = self._multi_step_batch(so, batch.token_ids.shape[0], samp.row_index.shape[0])
-      out, feed = self._run(batch, samp, (*key, "steps", self.num_scheduler_steps), ms)
+      out, feed = self._run((*key, "steps", self.num_scheduler_steps), inputs, prev_tokens, ms)
     return out, feed, bool(samp.need_top)
 
   def fetch(self, so, handle):
@@ -294,19 +295,31 @@ class ModelRunner:
     return out if so.num_steps == 1 else tuple(None if x is None else x[:so.num_steps]
                                                for x in out)
 
-  def _run(self, batch, samp, key, ms=None):
+  def _run(self, key, inputs, prev_tokens, ms=None):
+    """Runs program `key` on packed inputs (`_new_inputs`), and the MultiStepBatch of a
+    multi-step key."""
+    layout = self._inputs[key[:4 if self.impl in ROW_IMPLS else 3]][1]
     if key not in self.programs:
-      self.programs[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                        (batch, samp) if ms is None else (batch, samp, ms))
-    common = dict(graphdef=self._static_graph, impl=self.impl, vocab_size=self.vocab_size,
-                  mesh=self.mesh)
+      batch, samp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                 jax.tree.unflatten(layout.treedef,
+                                                    [np.empty(shape, dtype)
+                                                     for _, shape, dtype in layout.leaves]))
+      no_feed = jax.ShapeDtypeStruct(prev_tokens.shape, prev_tokens.dtype)
+      self.programs[key] = (batch.replace(prev_tokens=no_feed), samp) + (
+          () if ms is None else (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                              ms),))
+    common = dict(layout=layout, graphdef=self._static_graph, impl=self.impl,
+                  vocab_size=self.vocab_size, mesh=self.mesh)
     if ms is None:
-      self.kv, out, feed = step_lib.step(self._param_leaves, self.kv, batch, samp, **common)
+      self.kv, out, feed = step_lib.step_program(self._param_leaves, self.kv, inputs,
+                                                 prev_tokens, **common)
       if feed.sharding != self._no_feed.sharding:
         self._no_feed = jax.device_put(self._no_feed, feed.sharding)
       return out, feed
-    self.kv, out = step_lib.multi_step(self._param_leaves, self.kv, batch, samp, ms,
-                                       max_steps=self.num_scheduler_steps, **common)
+    ms_inputs, ms_layout = step_lib.pack(ms)
+    self.kv, out = step_lib.multi_step_program(self._param_leaves, self.kv, inputs, prev_tokens,
+                                               ms_inputs, ms_layout=ms_layout,
+                                               max_steps=self.num_scheduler_steps, **common)
     return out, None
 
   def _multi_step_batch(self, so, t_cap: int, r_cap: int) -> step_lib.MultiStepBatch:
@@ -332,142 +345,209 @@ class ModelRunner:
       r_cap = max(r_cap, min(t_cap, next_power_of_two(self.max_num_seqs)))
     return r_cap
 
-  def prepare(self, so) -> tuple[step_lib.StepBatch, step_lib.SamplingBatch, tuple]:
-    """Packs a scheduled step into bucketed numpy arrays; returns them and the program key."""
+  # ------------------------------------------------------------ step inputs
+  @staticmethod
+  def _padding_meta(t_cap: int, attn_key: tuple, p: int, rows: bool) -> AttentionMetadata:
+    """All-padding AttentionMetadata: the xla path's (rows: attn_key = (decode rows,
+    tiles)) or the Pallas kernel's (attn_key = (sequences,)), p pages per sequence."""
+    if rows:
+      sd, np_ = attn_key
+      return AttentionMetadata(
+          decode_token_index=np.full(sd, t_cap, np.int32),
+          decode_block_tables=np.zeros((sd, p), np.int32),
+          decode_positions=np.full(sd, -1, np.int32),
+          tile_token_index=np.full((np_, TILE_SIZE), t_cap, np.int32),
+          tile_block_tables=np.zeros((np_, p), np.int32),
+          tile_positions=np.full((np_, TILE_SIZE), -1, np.int32))
+    s_cap, = attn_key
+    return AttentionMetadata(cu_q_lens=np.zeros(s_cap + 1, np.int32),
+                             kv_lens=np.zeros(s_cap, np.int32),
+                             block_tables=np.zeros((s_cap, p), np.int32),
+                             num_seqs=np.zeros(1, np.int32))
+
+  def _padding_inputs(self, key: tuple) -> tuple[step_lib.StepBatch, step_lib.SamplingBatch]:
+    """The all-padding StepBatch (prev_tokens None) and SamplingBatch of program `key`:
+    nothing is written (every slot -1), no query attends, every row is greedy."""
+    t_cap, r_cap = key[:2]
+    meta = self._padding_meta(t_cap, key[2:], self.max_blocks_per_seq, self.impl in ROW_IMPLS)
+    zeros_t = np.zeros(t_cap, np.int32)
+    batch = step_lib.StepBatch(zeros_t, zeros_t.copy(), np.full(t_cap, -1, np.int32), meta,
+                               np.zeros(r_cap, np.int32), np.full(t_cap, -1, np.int32), None)
+    r0 = np.zeros(r_cap, np.int32)
+    samp = step_lib.SamplingBatch(r0, np.zeros((r_cap, 2), np.uint32), r0.copy(), r0.copy(),
+                                  np.zeros(r_cap, np.float32), r0.copy(),
+                                  np.ones(r_cap, np.float32),
+                                  np.full((r_cap, MAX_BANNED), -1, np.int32), np.asarray(False))
+    return batch, samp
+
+  def _new_inputs(self, key: tuple):
+    """A fresh packed input buffer of program `key` holding its all-padding inputs, and
+    the typed StepBatch / SamplingBatch whose arrays are views into it (prepare fills
+    them; the program gets the buffer, one argument: see `step_lib.pack`). need_top is
+    an int32 view here (prepare puts the bool in the SamplingBatch it returns)."""
+    entry = self._inputs.get(key)
+    if entry is None:
+      entry = self._inputs[key] = step_lib.pack(self._padding_inputs(key))
+    template, layout = entry
+    buf = template.copy()
+    views = [np.ndarray(shape, np.int32 if dtype == bool else dtype, buffer=buf, offset=4 * o)
+             for o, shape, dtype in layout.leaves]
+    batch, samp = jax.tree.unflatten(layout.treedef, views)
+    return buf, batch, samp
+
+  def prepare(self, so):
+    """Packs a scheduled step into its program's bucketed input buffer; returns the typed
+    StepBatch (prev_tokens: the no-feed array) and SamplingBatch (views into the buffer),
+    the program key and the buffer."""
     seqs = so.seqs
+    n = len(seqs)
     bs = self.block_size
-    lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, len(seqs))  # [S]
-    starts = np.fromiter((s.start for s in seqs), np.int64, len(seqs))
+    lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, n)  # [S]
+    starts = np.fromiter((s.start for s in seqs), np.int64, n)
     num_tokens = int(lens.sum())
+    sampling = [(i, s) for i, s in enumerate(seqs) if s.sample_indices]
     # Decode rows: one-token entries that sample (a one-token chunk in mid-prompt, left by
     # the budget, is a tile: decode rows are padded to the sample-row bucket).
-    is_decode = (lens == 1) & np.fromiter((bool(s.sample_indices) for s in seqs), bool, len(seqs))
-    num_rows = sum(len(s.sample_indices) for s in seqs)
-    if is_decode.all():  # T = the sample-row bucket (n > 1 on a one-token prompt: more rows)
+    is_decode = lens == 1
+    if len(sampling) < n:
+      is_decode &= np.fromiter((bool(s.sample_indices) for s in seqs), bool, n)
+    num_rows = sum(len(s.sample_indices) for _, s in sampling)
+    all_decode = bool(is_decode.all())
+    if all_decode:  # T = the sample-row bucket (n > 1 on a one-token prompt: more rows)
       t_cap = next_power_of_two(max(num_tokens, num_rows), self._min_decode_bucket)
     else:
       t_cap = next_power_of_two(num_tokens, _MIN_TOKEN_BUCKET)
-    cu = np.zeros(len(seqs) + 1, np.int64)
+    r_cap = self._row_bucket(num_rows, t_cap, not all_decode)
+    if self.impl in ROW_IMPLS:
+      key = (t_cap, r_cap, *self._tile_shape(lens, is_decode, t_cap, r_cap))
+    else:
+      key = (t_cap, r_cap, next_power_of_two(n))
+    buf, batch, samp = self._new_inputs(key)
+
+    cu = np.zeros(n + 1, np.int64)
     np.cumsum(lens, out=cu[1:])
-    tables = np.zeros((len(seqs), self.max_blocks_per_seq), np.int32)
+    tables = np.zeros((n, self.max_blocks_per_seq), np.int32)
     for i, s in enumerate(seqs):
       tables[i, :len(s.block_table)] = s.block_table
-    seq_of_token = np.repeat(np.arange(len(seqs)), lens)  # [num_tokens]
-    pos = starts[seq_of_token] + np.arange(num_tokens) - cu[:-1][seq_of_token]
-    tokens = np.zeros(t_cap, np.int32)
-    tokens[:num_tokens] = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs),
-                                      np.int32, num_tokens)
-    positions = np.zeros(t_cap, np.int32)
-    positions[:num_tokens] = pos
-    slots = np.full(t_cap, -1, np.int32)
-    slots[:num_tokens] = tables[seq_of_token, pos // bs] * bs + pos % bs
-    feed_rows = np.fromiter((s.feed_row for s in seqs), np.int32, len(seqs))  # [S]
+    if all_decode:
+      seq_of_token, pos = np.arange(n), starts
+      batch.token_ids[:n] = [s.token_ids[0] for s in seqs]
+    else:
+      seq_of_token = np.repeat(np.arange(n), lens)  # [num_tokens]
+      pos = starts[seq_of_token] + np.arange(num_tokens) - cu[:-1][seq_of_token]
+      batch.token_ids[:num_tokens] = np.fromiter(
+          itertools.chain.from_iterable(s.token_ids for s in seqs), np.int32, num_tokens)
+    batch.positions[:num_tokens] = pos
+    batch.slot_mapping[:num_tokens] = tables[seq_of_token, pos // bs] * bs + pos % bs
+    feed_rows = np.fromiter((s.feed_row for s in seqs), np.int32, n)  # [S]
     fed = feed_rows >= 0
-    feed_index = np.full(t_cap, -1, np.int32)
-    feed_index[cu[:-1][fed]] = feed_rows[fed]
+    batch.feed_index[cu[:-1][fed]] = feed_rows[fed]
+    need_top = self._fill_sampling(samp, batch.logits_index, sampling, cu)
+    if self.impl in ROW_IMPLS:
+      self._fill_tiles(batch.attn, lens, starts, cu, tables, t_cap, is_decode)
+    else:
+      self._fill_ragged(batch.attn, lens, starts, cu, tables)
+    return (batch.replace(prev_tokens=self._no_feed), samp.replace(need_top=np.asarray(need_top)),
+            key, buf)
 
-    r_cap = self._row_bucket(num_rows, t_cap, bool((~is_decode).any()))
-    samp, logits_index = self._sampling(seqs, cu, r_cap)
-    attn, attn_key = (self._tiles(lens, starts, cu, tables, t_cap, r_cap, is_decode)
-                      if self.impl in ROW_IMPLS else self._ragged(lens, starts, cu, tables))
-    batch = step_lib.StepBatch(tokens, positions, slots, attn, logits_index, feed_index,
-                               self._no_feed)
-    return batch, samp, (t_cap, r_cap, *attn_key)
+  @staticmethod
+  def _tile_shape(lens, is_decode, t_cap: int, r_cap: int) -> tuple[int, int]:
+    """(decode rows, prefill tiles) of the xla attention metadata: decode rows padded to
+    the sample-row bucket r_cap (every decode samples, so there are at most that many:
+    one bucket fewer to compile, at the cost of a few padded rows, which attend to
+    nothing); tiles to a power of two, at least t_cap / TILE_SIZE: the usual count for
+    that many tokens, so a token bucket rarely needs a second tile bucket (fewer
+    programs under varying load)."""
+    sd = r_cap if is_decode.any() else 0
+    if is_decode.all():
+      return sd, 0
+    tiles = int(ceil_div(lens[~is_decode], TILE_SIZE).sum())
+    return sd, max(next_power_of_two(tiles), t_cap // TILE_SIZE)
 
   def _tiles(self, lens, starts, cu, tables, t_cap, r_cap, is_decode):
-    """AttentionMetadata for the xla path: decode rows and prefill tiles of TILE_SIZE.
+    """AttentionMetadata for the xla path (fresh arrays) and its (decode rows, tiles)."""
+    shape = self._tile_shape(lens, is_decode, t_cap, r_cap)
+    meta = self._padding_meta(t_cap, shape, tables.shape[1], rows=True)
+    self._fill_tiles(meta, lens, starts, cu, tables, t_cap, is_decode)
+    return meta, shape
 
-    Decode rows are padded to the sample-row bucket r_cap (every decode samples, so
-    there are at most that many): one bucket fewer to compile, at the cost of a few
-    padded rows, which attend to nothing.
-    """
+  @staticmethod
+  def _fill_tiles(meta, lens, starts, cu, tables, t_cap, is_decode) -> None:
+    """Writes the xla path's AttentionMetadata into `meta` (all padding, shaped by
+    `_tile_shape`): decode rows and prefill tiles of TILE_SIZE queries, each kind sorted
+    by context with the padding first (attention splits each kind into groups of
+    consecutive rows that loop only as far as their own longest context)."""
     dec = np.flatnonzero(is_decode)
-    sd = r_cap if len(dec) else 0
-    dec_index = np.full(sd, t_cap, np.int32)
-    dec_index[:len(dec)] = cu[dec]
-    dec_pos = np.full(sd, -1, np.int32)
-    dec_pos[:len(dec)] = starts[dec]
-    dec_tables = np.zeros((sd, tables.shape[1]), np.int32)
-    dec_tables[:len(dec)] = tables[dec]
-
+    if len(dec):
+      sd = meta.decode_positions.shape[0]
+      order = dec[np.argsort(starts[dec], kind="stable")]
+      meta.decode_token_index[sd - len(dec):] = cu[order]
+      meta.decode_positions[sd - len(dec):] = starts[order]
+      meta.decode_block_tables[sd - len(dec):] = tables[order]
     pre = np.flatnonzero(~is_decode)
+    if not len(pre):
+      return
     per_seq = ceil_div(lens[pre], TILE_SIZE)  # tiles per prefill sequence (numpy ints)
-    # At least t_cap / TILE_SIZE tiles: the usual count for that many tokens, so a token
-    # bucket rarely needs a second tile bucket (fewer programs under varying load).
-    np_ = (max(next_power_of_two(int(per_seq.sum())), t_cap // TILE_SIZE) if len(pre) else 0)
     tile_seq = np.repeat(pre, per_seq)  # [tiles]
     first_tile = np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
     offset = (np.arange(len(tile_seq)) - first_tile) * TILE_SIZE  # first query of the tile
     j = offset[:, None] + np.arange(TILE_SIZE)[None, :]  # [tiles, Tq] query within chunk
     valid = j < lens[tile_seq][:, None]
-    tile_index = np.full((np_, TILE_SIZE), t_cap, np.int32)
-    tile_index[:len(tile_seq)] = np.where(valid, cu[tile_seq][:, None] + j, t_cap)
-    tile_pos = np.full((np_, TILE_SIZE), -1, np.int32)
-    tile_pos[:len(tile_seq)] = np.where(valid, starts[tile_seq][:, None] + j, -1)
-    tile_tables = np.zeros((np_, tables.shape[1]), np.int32)
-    tile_tables[:len(tile_seq)] = tables[tile_seq]
-    # Rows sorted by context (padding first): attention splits each kind into groups of
-    # consecutive rows that loop only as far as their own longest context.
-    d_order = np.argsort(dec_pos, kind="stable")
-    t_order = np.argsort(tile_pos.max(1), kind="stable")
-    meta = AttentionMetadata(decode_token_index=dec_index[d_order],
-                             decode_block_tables=dec_tables[d_order],
-                             decode_positions=dec_pos[d_order],
-                             tile_token_index=tile_index[t_order],
-                             tile_block_tables=tile_tables[t_order],
-                             tile_positions=tile_pos[t_order])
-    return meta, (sd, np_)
+    index = np.where(valid, cu[tile_seq][:, None] + j, t_cap)
+    positions = np.where(valid, starts[tile_seq][:, None] + j, -1)
+    order = np.argsort(positions.max(1), kind="stable")
+    np_, k = meta.tile_positions.shape[0], len(tile_seq)
+    meta.tile_token_index[np_ - k:] = index[order]
+    meta.tile_positions[np_ - k:] = positions[order]
+    meta.tile_block_tables[np_ - k:] = tables[tile_seq[order]]
 
   def _ragged(self, lens, starts, cu, tables):
-    """AttentionMetadata for the Pallas ragged kernel."""
-    n = len(lens)
-    s_cap = next_power_of_two(n)
-    cu_q = np.full(s_cap + 1, cu[-1], np.int32)
-    cu_q[:n + 1] = cu
-    kv_lens = np.zeros(s_cap, np.int32)
-    kv_lens[:n] = starts + lens
-    padded = np.zeros((s_cap, tables.shape[1]), np.int32)
-    padded[:n] = tables
-    meta = AttentionMetadata(cu_q_lens=cu_q, kv_lens=kv_lens, block_tables=padded,
-                             num_seqs=np.asarray([n], np.int32))
-    return meta, (s_cap,)
+    """AttentionMetadata for the Pallas ragged kernel (fresh arrays) and its key part."""
+    key = (next_power_of_two(len(lens)),)
+    meta = self._padding_meta(int(cu[-1]), key, tables.shape[1], rows=False)
+    self._fill_ragged(meta, lens, starts, cu, tables)
+    return meta, key
 
-  def _sampling(self, seqs, cu, r_cap: int):
-    """SamplingBatch and logits rows: one logits row per sampling sequence, one sample
-    row per (sequence, sample index), padded to r_cap rows."""
-    logits_index = np.zeros(r_cap, np.int32)
-    row_index = np.zeros(r_cap, np.int32)
-    seeds = np.zeros((r_cap, 2), np.uint32)
-    sample_indices = np.zeros(r_cap, np.int32)
-    out_positions = np.zeros(r_cap, np.int32)
-    temperature = np.zeros(r_cap, np.float32)
-    top_k = np.zeros(r_cap, np.int32)
-    top_p = np.ones(r_cap, np.float32)
-    banned = np.full((r_cap, MAX_BANNED), -1, np.int32)
-    sampling = [(i, s) for i, s in enumerate(seqs) if s.sample_indices]
-    need_top = False
-    if sampling:
-      # Columns built as lists, stored once each (per-row numpy stores cost more).
-      logits_index[:len(sampling)] = [cu[i + 1] - 1 for i, _ in sampling]
+  @staticmethod
+  def _fill_ragged(meta, lens, starts, cu, tables) -> None:
+    """Writes the Pallas ragged kernel's AttentionMetadata into `meta` (all padding)."""
+    n = len(lens)
+    meta.cu_q_lens[:n + 1] = cu
+    meta.cu_q_lens[n + 1:] = cu[-1]
+    meta.kv_lens[:n] = starts + lens
+    meta.block_tables[:n] = tables
+    meta.num_seqs[0] = n
+
+  @staticmethod
+  def _fill_sampling(samp, logits_index, sampling, cu) -> bool:
+    """Writes the sample rows into `samp` (all padding) and the logits rows into
+    `logits_index`: one logits row per sampling sequence, one sample row per (sequence,
+    sample index). Returns whether any row wants its top tokens (need_top)."""
+    if not sampling:
+      return False
+    # Columns built as lists, stored once each (per-row numpy stores cost more).
+    logits_index[:len(sampling)] = [cu[i + 1] - 1 for i, _ in sampling]
+    if all(len(s.sample_indices) == 1 for _, s in sampling):  # no fresh n > 1 prompt
+      rows = [(k, s, s.sample_indices[0]) for k, (_, s) in enumerate(sampling)]
+    else:
       rows = [(k, s, j) for k, (_, s) in enumerate(sampling) for j in s.sample_indices]
-      n = len(rows)
-      ds = [s.group.device_sampling for _, s, _ in rows]
-      # A fed decode's own token is still in flight: it draws output position num_out + 1.
-      num_out = [len(s.seq.output_token_ids) + (s.feed_row >= 0) for _, s, _ in rows]
-      row_index[:n] = [k for k, _, _ in rows]
-      sample_indices[:n] = [j for _, _, j in rows]
-      seeds[:n] = [d.seed_words for d in ds]
-      out_positions[:n] = num_out
-      temperature[:n] = [d.temperature for d in ds]
-      top_k[:n] = [d.top_k for d in ds]
-      top_p[:n] = [d.top_p for d in ds]
-      for r, (d, m) in enumerate(zip(ds, num_out)):
-        if m < d.banned_until:
-          banned[r, :len(d.banned_ids)] = d.banned_ids
-      need_top = any(d.wants_top for d in ds)
-    samp = step_lib.SamplingBatch(row_index, seeds, sample_indices, out_positions, temperature,
-                                  top_k, top_p, banned, np.asarray(need_top))
-    return samp, logits_index
+    n = len(rows)
+    ds = [s.group.device_sampling for _, s, _ in rows]
+    # A fed decode's own token is still in flight: it draws output position num_out + 1.
+    num_out = [len(s.seq.output_token_ids) + (s.feed_row >= 0) for _, s, _ in rows]
+    samp.row_index[:n] = [k for k, _, _ in rows]
+    samp.sample_indices[:n] = [j for _, _, j in rows]
+    samp.seeds[:n] = [d.seed_words for d in ds]
+    samp.out_positions[:n] = num_out
+    samp.temperature[:n] = [d.temperature for d in ds]
+    samp.top_k[:n] = [d.top_k for d in ds]
+    samp.top_p[:n] = [d.top_p for d in ds]
+    for r, (d, m) in enumerate(zip(ds, num_out)):
+      if m < d.banned_until:
+        samp.banned_ids[r, :len(d.banned_ids)] = d.banned_ids
+    need_top = any(d.wants_top for d in ds)
+    samp.need_top[...] = need_top
+    return need_top
 
   def serving_program_keys(self, max_num_batched_tokens: int) -> list[tuple]:
     """The xla step programs (t_cap, r_cap, decode rows, tiles) a serving run reaches:
@@ -513,29 +593,14 @@ class ModelRunner:
     for key in self.serving_program_keys(max_num_batched_tokens):
       if key in self.programs:
         continue
-      t_cap, r_cap, sd, np_ = key[:4]
-      meta = AttentionMetadata(
-          decode_token_index=np.full(sd, t_cap, np.int32),
-          decode_block_tables=np.zeros((sd, p), np.int32),
-          decode_positions=np.full(sd, -1, np.int32),
-          tile_token_index=np.full((np_, TILE_SIZE), t_cap, np.int32),
-          tile_block_tables=np.zeros((np_, p), np.int32),
-          tile_positions=np.full((np_, TILE_SIZE), -1, np.int32))
-      zeros_t = np.zeros(t_cap, np.int32)
-      batch = step_lib.StepBatch(zeros_t, zeros_t, np.full(t_cap, -1, np.int32), meta,
-                                 np.zeros(r_cap, np.int32), np.full(t_cap, -1, np.int32),
-                                 self._no_feed)
-      r0 = np.zeros(r_cap, np.int32)
-      samp = step_lib.SamplingBatch(r0, np.zeros((r_cap, 2), np.uint32), r0, r0,
-                                    np.zeros(r_cap, np.float32), r0, np.ones(r_cap, np.float32),
-                                    np.full((r_cap, MAX_BANNED), -1, np.int32),
-                                    np.asarray(False))
+      t_cap, r_cap = key[:2]
+      buf = self._new_inputs(key[:4])[0]
       ms = None
       if len(key) > 4:  # multi-step: no inner step runs (the program compiles all the same)
         ms = step_lib.MultiStepBatch(np.asarray(0, np.int32), np.zeros(t_cap, np.int32),
                                      np.zeros((t_cap, p), np.int32),
                                      np.full(r_cap, t_cap, np.int32))
-      self._run(batch, samp, key, ms)
+      self._run(key, buf, self._no_feed, ms)
     return len(self.programs) - before
 
   # ---------------------------------------------------------------- checks
@@ -558,9 +623,5 @@ class ModelRunner:
     common = dict(graphdef=self._static_graph, impl=self.impl, vocab_size=self.vocab_size,
                   mesh=self.mesh)
     for key, args in self.programs.items():
-      if len(args) == 2:
-        lowered = step_lib.step.lower(params, kv, *args, **common)
-      else:
-        lowered = step_lib.multi_step.lower(params, kv, *args,
-                                            max_steps=self.num_scheduler_steps, **common)
+      lowered = step_lib.lower(params, kv, *args, max_steps=self.num_scheduler_steps, **common)
       yield key, lowered.compile()

@@ -10,10 +10,12 @@ runner builds the batch from the scheduler's decisions.
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
@@ -188,14 +190,115 @@ def _forward_and_sample(params, kv, batch: StepBatch, samp: SamplingBatch, *, gr
   return kv, out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "vocab_size", "mesh"),
+class PackLayout:
+  """Where each leaf of a host input tree sits in its packed int32 buffer (`pack`).
+
+  A step's host inputs (~20 small numpy arrays) cost jit ~7 us each to take as
+  arguments; packed, they are one argument, sliced apart inside the program (`unpack`,
+  bit-exact). The layout is a static argument of the jitted steps: interned, so that
+  jit's per-call hash is an identity check, and programs are keyed by it exactly as by
+  the leaves' shapes and dtypes before.
+
+  Attributes:
+    treedef: the input tree's structure.
+    leaves: (offset in the buffer, shape, dtype) per leaf, in flattening order.
+    size: the buffer's length in int32 words.
+  """
+
+  __slots__ = ("treedef", "leaves", "size", "_hash")
+
+  def __init__(self, treedef, leaves: tuple):
+    self.treedef = treedef
+    self.leaves = leaves
+    self.size = sum(math.prod(shape) for _, shape, _ in leaves)
+    self._hash = hash((treedef, leaves))
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other) -> bool:
+    return self is other or (isinstance(other, PackLayout) and self.treedef == other.treedef
+                             and self.leaves == other.leaves)
+
+
+_LAYOUTS: dict[tuple, PackLayout] = {}
+_PACKABLE = {np.dtype(np.int32), np.dtype(np.uint32), np.dtype(np.float32), np.dtype(bool)}
+
+
+def _layout(treedef, leaves) -> PackLayout:
+  sig = (treedef, tuple((x.shape, np.dtype(x.dtype)) for x in leaves))
+  layout = _LAYOUTS.get(sig)
+  if layout is None:
+    entries, offset = [], 0
+    for shape, dtype in sig[1]:
+      if dtype not in _PACKABLE:
+        raise TypeError(f"pack takes int32, uint32, float32 and bool leaves, got {dtype}")
+      entries.append((offset, tuple(shape), dtype))
+      offset += math.prod(shape)
+    layout = _LAYOUTS.setdefault(sig, PackLayout(treedef, tuple(entries)))
+  return layout
+
+
+def pack(tree, layout: PackLayout | None = None) -> tuple[np.ndarray, PackLayout]:
+  """A tree of host arrays (32-bit or bool leaves) as one int32 buffer and its layout.
+
+  layout: the tree's layout if the caller knows it (a runner caches one per program
+  key); the buffer's length is checked against it."""
+  leaves, treedef = jax.tree.flatten(tree)
+  if layout is None:
+    leaves = [np.asarray(x) for x in leaves]
+    layout = _layout(treedef, leaves)
+  if not leaves:
+    return np.zeros(0, np.int32), layout
+  buf = np.concatenate([x.reshape(-1).view(np.int32) if x.dtype != bool
+                        else x.reshape(-1).astype(np.int32) for x in leaves])
+  if buf.shape[0] != layout.size:
+    raise ValueError(f"packed {buf.shape[0]} words, the layout has {layout.size}")
+  return buf, layout
+
+
+def pack_abstract(tree) -> tuple[jax.ShapeDtypeStruct, PackLayout]:
+  """`pack` of a tree of ShapeDtypeStructs (to lower a step without data)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  layout = _layout(treedef, leaves)
+  return jax.ShapeDtypeStruct((layout.size,), jnp.int32), layout
+
+
+def unpack(buf: jax.Array, layout: PackLayout):
+  """The tree `pack` packed, from its buffer (traced): static slices, bitcast back."""
+  leaves = []
+  for offset, shape, dtype in layout.leaves:
+    x = lax.slice(buf, (offset,), (offset + math.prod(shape),)).reshape(shape)
+    if dtype == np.dtype(bool):
+      x = x != 0
+    elif dtype != np.dtype(np.int32):
+      x = lax.bitcast_convert_type(x, dtype)
+    leaves.append(x)
+  return jax.tree.unflatten(layout.treedef, leaves)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "graphdef", "impl", "vocab_size", "mesh"),
                    donate_argnames=("kv",))
+def step_program(params, kv, inputs, prev_tokens, *, layout, graphdef, impl, vocab_size, mesh):
+  """`step`'s program: its host inputs packed (inputs i32[layout.size]: the StepBatch
+  without prev_tokens, and the SamplingBatch), prev_tokens i32[F] on the device."""
+  TRACES["step"] += 1  # runs once per trace, i.e. per compiled program
+  batch, samp = unpack(inputs, layout)
+  batch = batch.replace(prev_tokens=prev_tokens)
+  kv, out = _forward_and_sample(params, kv, _fed(batch), samp, graphdef=graphdef, impl=impl,
+                                vocab_size=vocab_size, mesh=mesh)
+  return kv, out, _feed_tokens(out[0], prev_tokens.shape[0])
+
+
 def step(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl, vocab_size,
          mesh=None):
   """One engine step.
 
+  The host arrays of `batch` and `samp` reach the jitted program packed in one buffer
+  (`pack`); `batch.prev_tokens` (on the device) as it is.
+
   Args:
-    params: the model's nnx state (split from graphdef).
+    params: the model's parameter arrays (a tuple, `StaticGraph.param_tree` order).
     kv: the paged KVCache (donated).
     batch: the packed tokens (StepBatch).
     samp: the sample rows (SamplingBatch).
@@ -212,37 +315,22 @@ def step(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl, v
     feed_tokens [F]: the tokens again, padded to prev_tokens' width, for a next step
     scheduled before they reach the host: its `prev_tokens`).
   """
-  TRACES["step"] += 1  # runs once per trace, i.e. per compiled program
-  kv, out = _forward_and_sample(params, kv, _fed(batch), samp, graphdef=graphdef, impl=impl,
-                                vocab_size=vocab_size, mesh=mesh)
-  return kv, out, _feed_tokens(out[0], batch.prev_tokens.shape[0])
+  inputs, layout = pack((batch.replace(prev_tokens=None), samp))
+  return step_program(params, kv, inputs, batch.prev_tokens, layout=layout, graphdef=graphdef,
+                      impl=impl, vocab_size=vocab_size, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "vocab_size", "mesh",
-                                             "max_steps"),
+@functools.partial(jax.jit, static_argnames=("layout", "ms_layout", "graphdef", "impl",
+                                             "vocab_size", "mesh", "max_steps"),
                    donate_argnames=("kv",))
-def multi_step(params, kv, batch: StepBatch, samp: SamplingBatch, ms: MultiStepBatch, *,
-               graphdef, impl, vocab_size, max_steps: int, mesh=None):
-  """Several decode steps in one program (vLLM's multi-step scheduling).
-
-  Inner step j is exactly the one-token decode `step` would run with the tokens drawn
-  at step j - 1 fed back: same positions, slots, attention metadata and per-position
-  PRNG keys, so the tokens are those of `ms.num_steps` single steps. The host stops
-  each sequence where a stop rule ends it and discards what was drawn after.
-
-  Args:
-    params, kv, graphdef, impl, vocab_size, mesh: as `step` (kv donated).
-    batch: the first inner step's StepBatch (decode rows only).
-    samp: its SamplingBatch (out_positions of the first step).
-    ms: MultiStepBatch.
-    max_steps: the program's most inner steps (static; the result's leading axis).
-
-  Returns:
-    (new KVCache, step outputs as `step`'s, each with a leading [max_steps] axis; rows
-    past ms.num_steps are zeros).
-  """
+def multi_step_program(params, kv, inputs, prev_tokens, ms_inputs, *, layout, ms_layout,
+                       graphdef, impl, vocab_size, max_steps: int, mesh):
+  """`multi_step`'s program: as `step_program`, and the MultiStepBatch packed (ms_inputs
+  i32[ms_layout.size])."""
   TRACES["step"] += 1
-  batch = _fed(batch)
+  batch, samp = unpack(inputs, layout)
+  ms = unpack(ms_inputs, ms_layout)
+  batch = _fed(batch.replace(prev_tokens=prev_tokens))
   t = batch.token_ids.shape[0]
   rows = jnp.arange(t)
   block_size = kv.k_pages.shape[-2]
@@ -272,13 +360,53 @@ def multi_step(params, kv, batch: StepBatch, samp: SamplingBatch, ms: MultiStepB
   return kv, outs
 
 
+def multi_step(params, kv, batch: StepBatch, samp: SamplingBatch, ms: MultiStepBatch, *,
+               graphdef, impl, vocab_size, max_steps: int, mesh=None):
+  """Several decode steps in one program (vLLM's multi-step scheduling).
+
+  Inner step j is exactly the one-token decode `step` would run with the tokens drawn
+  at step j - 1 fed back: same positions, slots, attention metadata and per-position
+  PRNG keys, so the tokens are those of `ms.num_steps` single steps. The host stops
+  each sequence where a stop rule ends it and discards what was drawn after.
+
+  Args:
+    params, kv, graphdef, impl, vocab_size, mesh: as `step` (kv donated).
+    batch: the first inner step's StepBatch (decode rows only).
+    samp: its SamplingBatch (out_positions of the first step).
+    ms: MultiStepBatch.
+    max_steps: the program's most inner steps (static; the result's leading axis).
+
+  Returns:
+    (new KVCache, step outputs as `step`'s, each with a leading [max_steps] axis; rows
+    past ms.num_steps are zeros).
+  """
+  inputs, layout = pack((batch.replace(prev_tokens=None), samp))
+  ms_inputs, ms_layout = pack(ms)
+  return multi_step_program(params, kv, inputs, batch.prev_tokens, ms_inputs, layout=layout,
+                            ms_layout=ms_layout, graphdef=graphdef, impl=impl, vocab_size=vocab_size,
+                            max_steps=max_steps, mesh=mesh)
+
+
+def lower(params, kv, batch: StepBatch, samp: SamplingBatch, ms: MultiStepBatch | None = None,
+          *, graphdef, impl, vocab_size, max_steps: int = 1, mesh=None):
+  """The step program (`multi_step`'s with `ms`) for these abstract inputs
+  (ShapeDtypeStructs), lowered: `.compile()` it for XLA's memory accounting."""
+  inputs, layout = pack_abstract((batch.replace(prev_tokens=None), samp))
+  common = dict(layout=layout, graphdef=graphdef, impl=impl, vocab_size=vocab_size, mesh=mesh)
+  if ms is None:
+    return step_program.lower(params, kv, inputs, batch.prev_tokens, **common)
+  ms_inputs, ms_layout = pack_abstract(ms)
+  return multi_step_program.lower(params, kv, inputs, batch.prev_tokens, ms_inputs,
+                                  ms_layout=ms_layout, max_steps=max_steps, **common)
+
+
 def num_executables() -> int:
   """Step executables compiled in this process (`step` and `multi_step`, all engines).
 
   Unlike TRACES, this also counts a program compiled again for inputs placed elsewhere
   (the same trace): what a benchmark should see when it asks whether anything compiled.
   """
-  return step._cache_size() + multi_step._cache_size()
+  return step_program._cache_size() + multi_step_program._cache_size()
 
 
 def advance_metadata(meta: AttentionMetadata, j, active) -> AttentionMetadata:
