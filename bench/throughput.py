@@ -57,7 +57,7 @@ import pagedjax.runner.step as step_lib
 from bench import common
 from bench.contiguous_baseline import ContiguousServer
 from bench.workloads import make_trace
-from pagedjax import LLM, SamplingParams
+from pagedjax import LLM, RequestOutputKind, SamplingParams
 from pagedjax.entrypoints.llm import resolve_attention_impl
 from pagedjax.weights import checkpoint
 from pagedjax.runner import cpu_attention, cpu_matmul
@@ -376,7 +376,10 @@ def steady_decode(
   times are per decode step (engine step / N), its split per engine step."""
   fl = model_flops(cfg)
   trace = make_trace("sharegpt-like", batch, max_seq_len=cfg.max_seq_len - decode_steps, seed=seed)
-  params = SamplingParams(max_tokens=decode_steps, temperature=0.0, ignore_eos=True)
+  # Outputs at the end only, as `generate` serves requests (vLLM's FINAL_ONLY): the steps
+  # build no per-step RequestOutputs (a streaming client's CUMULATIVE kind would).
+  params = SamplingParams(max_tokens=decode_steps, temperature=0.0, ignore_eos=True,
+                          output_kind=RequestOutputKind.FINAL_ONLY)
   num_blocks = batch * -(-cfg.max_seq_len // BLOCK_SIZE)  # everyone fits: no preemption
   engine = functools.partial(_engine, num_blocks, batch, num_scheduler_steps, attention_impl)
   if warmup:

@@ -11,7 +11,7 @@ from pagedjax.core.block_allocator import BlockAllocator
 from pagedjax.core.block_manager import BlockManager, NoFreeBlocksError, SequenceStateError
 from pagedjax.entrypoints.llm import LLM
 from pagedjax.outputs import CompletionOutput, RequestOutput
-from pagedjax.sampling_params import SamplingParams
+from pagedjax.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = [
     "LLM",
@@ -20,6 +20,7 @@ __all__ = [
     "CompletionOutput",
     "NoFreeBlocksError",
     "RequestOutput",
+    "RequestOutputKind",
     "SamplingParams",
     "SequenceStateError",
 ]

@@ -10,6 +10,7 @@ engine adds the checks that need the model (vocabulary, context, cache size).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import math
 import numbers
@@ -62,6 +63,19 @@ def seed_words(seed: int) -> tuple[int, int]:
   return seed >> 32, seed & 0xFFFFFFFF
 
 
+class RequestOutputKind(enum.Enum):
+  """Which `LLM.step()` calls return a request's RequestOutput (vLLM's names).
+
+  CUMULATIVE: every step that advanced it (all of its output so far; the streaming API).
+  FINAL_ONLY: only the step that finished it (what `LLM.generate` needs: no output,
+    detokenization or logprob dicts are built while it runs).
+  (vLLM's DELTA kind, new tokens only, is not offered.)
+  """
+
+  CUMULATIVE = 0
+  FINAL_ONLY = 2
+
+
 @dataclasses.dataclass
 class SamplingParams:
   """Decoding settings for one request.
@@ -86,6 +100,8 @@ class SamplingParams:
     logprobs: if set to k, also return, per generated token, the k most likely tokens
       with their logprobs (plus the sampled token), as vLLM does; 0 returns only the
       sampled token's.
+    output_kind: RequestOutputKind: which `LLM.step()` calls return this request's
+      output (CUMULATIVE: each step that advanced it; FINAL_ONLY: the last one).
   """
 
   max_tokens: int = 16
@@ -102,6 +118,7 @@ class SamplingParams:
   beam_width: int | None = None
   length_penalty: float = 1.0
   logprobs: int | None = None
+  output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
   def __post_init__(self):
     self.max_tokens = _int("max_tokens", self.max_tokens, minimum=1)
@@ -136,6 +153,9 @@ class SamplingParams:
                            minimum=1)
     self.length_penalty = _float("length_penalty", self.length_penalty)
     self.logprobs = _int("logprobs", self.logprobs, minimum=0, none_ok=True)
+    if not isinstance(self.output_kind, RequestOutputKind):
+      raise TypeError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r} "
+                      f"({type(self.output_kind).__name__})")
     if self.use_beam_search:
       if self.beam_width < self.n:
         raise ValueError(f"beam_width={self.beam_width} must be >= n={self.n}")

@@ -91,6 +91,32 @@ def test_append_at_block_boundary_with_no_free_block_fails_cleanly():
   assert snapshot(bm) == before
 
 
+def test_append_slot_in_place_only_where_no_block_is_taken():
+  """The scheduler's decode fast path: one slot in the sequence's own last block, else
+  False with nothing changed (then append_slots: a new block, or copy-on-write)."""
+  bm = BlockManager(8, 4, num_host_blocks=8)
+  bm.allocate("a", 3)
+  before = snapshot(bm)
+  assert bm.append_slot_in_place("a")  # slot 3 of block 0
+  assert bm.num_tokens("a") == 4 and bm.block_table("a") == before["seqs"]["a"][0]
+  assert bm.num_free_blocks == 7
+  before = snapshot(bm)
+  assert not bm.append_slot_in_place("a")  # block 0 is full: a new block
+  assert snapshot(bm) == before
+  bm.append_slots("a", 1)
+  bm.fork("a", "b")  # "a"'s last block (1 of 4 slots) is now shared
+  before = snapshot(bm)
+  assert not bm.append_slot_in_place("a") and not bm.append_slot_in_place("b")  # COW
+  assert not bm.append_slot_in_place("nobody")
+  assert snapshot(bm) == before
+  bm.free("b")
+  assert bm.append_slot_in_place("a")  # the block is its own again
+  bm.swap_out("a")
+  before = snapshot(bm)
+  assert not bm.append_slot_in_place("a")  # swapped out
+  assert snapshot(bm) == before
+
+
 def test_append_inside_a_block_needs_no_free_block():
   bm = BlockManager(2, 4)
   bm.allocate("a", 7)

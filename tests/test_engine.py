@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pagedjax import LLM, SamplingParams
+from pagedjax import LLM, RequestOutputKind, SamplingParams
 from pagedjax.weights.checkpoint import load_bundled_model
 from pagedjax.runner.model import greedy_generate_dense
 from pagedjax.weights.tokenizer import ByteTokenizer
@@ -118,6 +118,28 @@ def test_streaming_step_api(llm):
   assert [len(s) for s in seen] == list(range(1, 7))
   assert seen[-1] == llm.generate("The Python ", SamplingParams(max_tokens=6, temperature=0.0))[
       0].outputs[0].token_ids
+
+
+def test_final_only_requests_are_returned_by_step_once_finished(llm):
+  """RequestOutputKind.FINAL_ONLY (vLLM's): step() returns the request's output only at
+  the step that finishes it, the same output a CUMULATIVE request ends with; a
+  CUMULATIVE request beside it is still returned every step."""
+  final = SamplingParams(max_tokens=6, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY)
+  llm.add_request("final-1", "The Python ", final)
+  llm.add_request("cumulative-1", "The Python ", SamplingParams(max_tokens=4, temperature=0.0))
+  seen = {"final-1": [], "cumulative-1": []}
+  while llm.has_unfinished_requests():
+    for out in llm.step():
+      seen[out.request_id].append(out)
+  assert len(seen["final-1"]) == 1 and seen["final-1"][0].finished
+  assert [len(o.outputs[0].token_ids) for o in seen["cumulative-1"]] == [1, 2, 3, 4]
+  got = seen["final-1"][0].outputs[0]
+  want = llm.generate("The Python ", SamplingParams(max_tokens=6, temperature=0.0))[0].outputs[0]
+  # (the logprob of a batch of 2 rounds a little differently from a batch of 1)
+  assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, "length")
+  assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-4)
+  with pytest.raises(TypeError, match="output_kind"):
+    SamplingParams(output_kind="final_only")
 
 
 @pytest.mark.parametrize("prompt, params, match", [

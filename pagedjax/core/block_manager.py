@@ -532,6 +532,23 @@ class BlockManager:
     self._note_usage()
     return cow
 
+  def append_slot_in_place(self, seq_id: Hashable) -> bool:
+    """Reserves one slot (a decode token) where it takes no block: the sequence's last
+    block has room and is its own (no copy-on-write). Returns False, and changes
+    nothing, otherwise (unknown or swapped-out ids included): then `append_slots`.
+    (The scheduler's per-decode fast path: most decode steps take no block.)"""
+    seq = self._seqs.get(seq_id)
+    if seq is None or seq.swapped:
+      return False
+    n = seq.num_tokens
+    table = seq.table
+    if n >= len(table) * self.block_size:
+      return False  # the last block is full (or there is none): a new block
+    if n % self.block_size and self.device_allocator.ref_counts[table[-1]] > 1:
+      return False  # shared partly filled block: copy-on-write
+    seq.num_tokens = n + 1
+    return True
+
   def append_slot(self, seq_id: Hashable) -> SlotRef:
     """Reserves the slot of token `num_tokens(seq_id)` (one decode token).
 

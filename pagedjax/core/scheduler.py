@@ -306,11 +306,17 @@ class Scheduler:
     chunks: list[ScheduledSeq] = []
     decodes: list[ScheduledSeq] = []
     short = False  # (async) a group did not fit after all: schedule no more
+    bm = self.bm
     while queue:
       group = queue.popleft()
       decode = id(group) in ready
       if decode:
-        plan = [(s, 1) for s in live[id(group)]]
+        lv = live[id(group)]
+        if len(lv) == 1 and bm.append_slot_in_place(lv[0].seq_id):  # most decodes
+          scheduled.append(group)
+          decodes.append(self._row(group, lv[0], 1))
+          continue
+        plan = [(s, 1) for s in lv]
       else:
         plan = self._chunk_plan(group, budget)
       need = self._blocks_needed(plan)
@@ -492,24 +498,27 @@ class Scheduler:
         op = self.bm.append_slots(seq.seq_id, n)
         if op is not None:
           out.cow.append(op)
-      start = seq.num_computed_tokens
-      end = start + n
-      # Only blocks of known tokens: a fed decode's token is hashed once it arrives.
-      self.bm.cache_full_blocks(seq.seq_id, seq.token_slice, upto=seq.num_tokens)
-      feed_row = self._feeds.get(seq.seq_id, -1)
-      if feed_row >= 0:
-        rows.append(ScheduledSeq(seq, group, start, [0], self.bm.block_table(seq.seq_id),
-                                 (seq.sample_index,), feed_row=feed_row))
-        continue
-      if end < seq.num_tokens:
-        samples: tuple[int, ...] = ()
-      elif not group.forked and group.width > 1 and not group.params.use_beam_search:
-        samples = tuple(range(group.width))  # the prompt's n samples, forked after the step
-      else:
-        samples = (seq.sample_index,)
-      rows.append(ScheduledSeq(seq, group, start, seq.token_slice(start, end),
-                               self.bm.block_table(seq.seq_id), samples))
+      rows.append(self._row(group, seq, n))
     return rows
+
+  def _row(self, group: SequenceGroup, seq: Sequence, n: int) -> ScheduledSeq:
+    """The ScheduledSeq of `n` tokens of `seq` whose slots are reserved."""
+    start = seq.num_computed_tokens
+    end = start + n
+    # Only blocks of known tokens: a fed decode's token is hashed once it arrives.
+    self.bm.cache_full_blocks(seq.seq_id, seq.token_slice, upto=seq.num_tokens)
+    feed_row = self._feeds.get(seq.seq_id, -1)
+    if feed_row >= 0:
+      return ScheduledSeq(seq, group, start, [0], self.bm.block_table(seq.seq_id),
+                          (seq.sample_index,), feed_row=feed_row)
+    if end < seq.num_tokens:
+      samples: tuple[int, ...] = ()
+    elif not group.forked and group.width > 1 and not group.params.use_beam_search:
+      samples = tuple(range(group.width))  # the prompt's n samples, forked after the step
+    else:
+      samples = (seq.sample_index,)
+    return ScheduledSeq(seq, group, start, seq.token_slice(start, end),
+                        self.bm.block_table(seq.seq_id), samples)
 
   def reserved_blocks(self, prompt_len: int, max_tokens: int, width: int) -> int:
     """Blocks the reservation policy sets aside for a request (0 without one): width x

@@ -38,7 +38,7 @@ from pagedjax.runner import sharding as sharding_lib
 from pagedjax.runner import step as step_lib
 from pagedjax.runner.model_runner import MAX_BANNED, DeviceSampling, ModelRunner
 from pagedjax.runner.model_runner import IMPLS as _RUNNER_IMPLS
-from pagedjax.sampling_params import SamplingParams, seed_words
+from pagedjax.sampling_params import RequestOutputKind, SamplingParams, seed_words
 from pagedjax.weights import checkpoint
 
 ATTENTION_IMPLS = ("auto", *_RUNNER_IMPLS)
@@ -49,6 +49,7 @@ KV_CACHE_DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "
 # swap_dtype: "auto" swaps blocks as the device stores them; int8 / fp8 store an
 # unquantized pool's blocks quantized in the host pool.
 SWAP_DTYPES = {"auto": None, "int8": "int8", "fp8": "float8_e4m3fn"}
+_CUMULATIVE = RequestOutputKind.CUMULATIVE
 
 
 def _check_int(name, value, minimum, *, none_ok=False):
@@ -416,13 +417,15 @@ class LLM:
   # ------------------------------------------------------------------ steps
   def step(self) -> list[RequestOutput]:
     """Runs one engine step; returns the outputs of the requests it advanced (and of
-    streamed requests that finished while `generate` was running)."""
+    streamed requests that finished while `generate` was running); a request whose
+    `output_kind` is FINAL_ONLY only when it finished."""
     pending = list(self._pending.values())
     self._pending.clear()
     if not self.scheduler.has_unfinished():
       self._inflight = None  # a step ahead of requests that all ended (its rows are moot)
       return pending
-    return pending + [self._output(g) for g in self._step()]
+    return pending + [self._output(g) for g in self._step()
+                      if g.params.output_kind is _CUMULATIVE or g.is_finished]
 
   def _step(self) -> list[SequenceGroup]:
     """One engine step; returns the groups it advanced or failed."""
