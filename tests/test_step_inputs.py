@@ -27,7 +27,7 @@ def _trees(draw):
   return leaves, draw(st.booleans())
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(_trees())
 def test_pack_unpack_round_trip_is_bitwise(case):
   tree, nest = case
@@ -38,7 +38,8 @@ def test_pack_unpack_round_trip_is_bitwise(case):
   assert jax.tree.structure(got) == jax.tree.structure(tree)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(tree)):
     assert a.dtype == b.dtype and a.shape == b.shape
-    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), b.view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(a).reshape(-1).view(np.uint8),
+                                  b.reshape(-1).view(np.uint8))
   # The layout is interned: the same structure and shapes give the same object.
   assert step_lib.pack(jax.tree.map(np.copy, tree))[1] is layout
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)

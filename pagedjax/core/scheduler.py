@@ -696,7 +696,15 @@ class Scheduler:
     for gid, group in groups.items():
       try:
         rows = rows_of.get(gid)
-        if rows:
+        p = group.params
+        if rows and len(rows) == 1 and group.forked and p.logprobs is None and \
+            not p.use_beam_search:  # most groups: one sample, `_sample_step` inline
+          (s, r), = rows
+          s.seq.append_token(int(result.tokens[r]), float(result.logprobs[r]))
+          self._check_stop(s.seq, group)
+          if after_token is not None:
+            after_token(group)
+        elif rows:
           if group.params.use_beam_search:
             self._beam_step(group, rows, result)
           else:
