@@ -154,3 +154,25 @@ def test_prepare_matches_a_plain_python_reference(llm):
   assert {(True, False, True), (False, True, False)} <= kinds, kinds
   for key, (template, _) in runner._inputs.items():
     np.testing.assert_array_equal(template, step_lib.pack(runner._padding_inputs(key))[0])
+
+
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_step_outputs_packed_for_one_transfer_unpack_bitwise(lead):
+  """The step's tokens, logprobs and ranks travel as one int32 head (multi-step: a
+  leading steps axis); the logprobs' bits (-inf, NaN payloads) come back exactly."""
+  rng = np.random.default_rng(len(lead))
+  r = 5
+  tokens = rng.integers(0, 512, lead + (r,), dtype=np.int32)
+  logprobs = rng.standard_normal(lead + (r,)).astype(np.float32)
+  logprobs.reshape(-1)[:2] = [-np.inf, np.nan]
+  logprobs.reshape(-1)[2:3].view(np.uint32)[:] = 0x7FC00123  # a NaN with a payload
+  ranks = rng.integers(1, 512, lead + (r,), dtype=np.int32)
+  top = (np.zeros(lead + (r, 2), np.int32), np.zeros(lead + (r, 2), np.float32))
+  head, *rest = jax.device_get(jax.jit(step_lib._pack_outputs)(
+      (tokens, logprobs, ranks, *top)))
+  assert head.shape == lead + (3, r) and head.dtype == np.int32
+  got = step_lib.unpack_outputs(head, *rest)
+  for a, b in zip(got, (tokens, logprobs, ranks, *top)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a.view(np.uint32 if a.dtype == np.float32 else a.dtype),
+                                  b.view(np.uint32 if b.dtype == np.float32 else b.dtype))

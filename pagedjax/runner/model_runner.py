@@ -284,14 +284,14 @@ class ModelRunner:
     are then deleted, so that `state_is_lost` reports them."""
     out, _, need_top = handle
     try:
-      out = jax.device_get(out if need_top else out[:3])
+      out = jax.device_get(out if need_top else out[:1])  # (the head: one transfer)
     except Exception:
       try:
         _wait_or_delete(self.kv)
       except Exception:  # noqa: BLE001  (the step's own error is the one to raise)
         pass
       raise
-    out = tuple(out) if need_top else (*out, None, None)
+    out = step_lib.unpack_outputs(*out)
     return out if so.num_steps == 1 else tuple(None if x is None else x[:so.num_steps]
                                                for x in out)
 

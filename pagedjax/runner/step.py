@@ -277,6 +277,24 @@ def unpack(buf: jax.Array, layout: PackLayout):
   return jax.tree.unflatten(layout.treedef, leaves)
 
 
+def _pack_outputs(out):
+  """A step's (tokens, logprobs, ranks, top_ids, top_logprobs) as (head i32[..., 3, R]:
+  tokens, the logprobs' float32 bits and ranks, top_ids, top_logprobs): every step fetches
+  the head, one transfer instead of three (`unpack_outputs`)."""
+  tokens, logprobs, ranks, top_ids, top_logprobs = out
+  head = jnp.stack([tokens.astype(jnp.int32),
+                    lax.bitcast_convert_type(logprobs.astype(jnp.float32), jnp.int32),
+                    ranks.astype(jnp.int32)], axis=-2)
+  return head, top_ids, top_logprobs
+
+
+def unpack_outputs(head: np.ndarray, top_ids=None, top_logprobs=None) -> tuple:
+  """(tokens, logprobs, ranks, top_ids, top_logprobs) from a fetched `_pack_outputs` head
+  (numpy, leading axes kept; bit-exact)."""
+  return (head[..., 0, :], head[..., 1, :].view(np.float32), head[..., 2, :], top_ids,
+          top_logprobs)
+
+
 @functools.partial(jax.jit, static_argnames=("layout", "graphdef", "impl", "vocab_size", "mesh"),
                    donate_argnames=("kv",))
 def step_program(params, kv, inputs, prev_tokens, *, layout, graphdef, impl, vocab_size, mesh):
@@ -287,7 +305,7 @@ def step_program(params, kv, inputs, prev_tokens, *, layout, graphdef, impl, voc
   batch = batch.replace(prev_tokens=prev_tokens)
   kv, out = _forward_and_sample(params, kv, _fed(batch), samp, graphdef=graphdef, impl=impl,
                                 vocab_size=vocab_size, mesh=mesh)
-  return kv, out, _feed_tokens(out[0], prev_tokens.shape[0])
+  return kv, _pack_outputs(out), _feed_tokens(out[0], prev_tokens.shape[0])
 
 
 def step(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl, vocab_size,
@@ -311,9 +329,10 @@ def step(params, kv, batch: StepBatch, samp: SamplingBatch, *, graphdef, impl, v
       the replicated logits.
 
   Returns:
-    (new KVCache, (tokens [R], logprobs [R], ranks [R], top_ids [R, N], top_logprobs [R, N]),
-    feed_tokens [F]: the tokens again, padded to prev_tokens' width, for a next step
-    scheduled before they reach the host: its `prev_tokens`).
+    (new KVCache, (head [3, R], top_ids [R, N], top_logprobs [R, N]): the tokens, logprobs
+    and ranks packed in head (`unpack_outputs` after fetching it), feed_tokens [F]: the
+    tokens again, padded to prev_tokens' width, for a next step scheduled before they
+    reach the host: its `prev_tokens`).
   """
   inputs, layout = pack((batch.replace(prev_tokens=None), samp))
   return step_program(params, kv, inputs, batch.prev_tokens, layout=layout, graphdef=graphdef,
@@ -357,7 +376,7 @@ def multi_step_program(params, kv, inputs, prev_tokens, ms_inputs, *, layout, ms
   outs = jax.tree.map(lambda x: jnp.zeros((max_steps, *x.shape), x.dtype), shapes)
   num = jnp.minimum(ms.num_steps, max_steps)
   kv, _, outs = lax.fori_loop(0, num, body, (kv, batch.token_ids, outs))
-  return kv, outs
+  return kv, _pack_outputs(outs)
 
 
 def multi_step(params, kv, batch: StepBatch, samp: SamplingBatch, ms: MultiStepBatch, *,
@@ -377,7 +396,7 @@ def multi_step(params, kv, batch: StepBatch, samp: SamplingBatch, ms: MultiStepB
     max_steps: the program's most inner steps (static; the result's leading axis).
 
   Returns:
-    (new KVCache, step outputs as `step`'s, each with a leading [max_steps] axis; rows
+    (new KVCache, step outputs as `step`'s, each with a leading [max_steps] axis; steps
     past ms.num_steps are zeros).
   """
   inputs, layout = pack((batch.replace(prev_tokens=None), samp))
