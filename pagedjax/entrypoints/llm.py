@@ -614,7 +614,15 @@ class LLM:
     st = self._stats
     st["num_steps"] += 1
     # A step with any prefill chunk counts as a prefill step; decode-only steps as decode.
-    prefill = any(len(s.token_ids) > 1 or s.start < len(s.seq.prompt_token_ids) for s in so.seqs)
+    prefill, prompt_tokens, rows = False, 0, 0  # (one pass: this runs every step)
+    for s in so.seqs:
+      n = len(s.token_ids)
+      if s.start < len(s.seq.prompt_token_ids):
+        prefill = True
+        prompt_tokens += n
+      elif n > 1:
+        prefill = True
+      rows += len(s.sample_indices)
     st["num_prefill_steps" if prefill else "num_decode_steps"] += 1
     if so.num_steps > 1:
       # Each inner step a sequence kept fed one token and drew one (those drawn after a
@@ -624,10 +632,9 @@ class LLM:
       st["num_generated_tokens"] += kept
       st["num_batched_tokens"] += kept
     else:
-      st["num_generated_tokens"] += sum(len(s.sample_indices) for s in so.seqs)
+      st["num_generated_tokens"] += rows
       st["num_batched_tokens"] += so.num_batched_tokens
-    st["num_prefill_tokens"] += sum(len(s.token_ids) for s in so.seqs
-                                    if s.start < len(s.seq.prompt_token_ids))
+    st["num_prefill_tokens"] += prompt_tokens
     used = self.bm.device_allocator.num_used_blocks
     if used > self._peak["used_blocks"]:
       # Internal fragmentation at the high-water mark (O(sequences); a long run reaches
