@@ -481,13 +481,28 @@ def test_pool_page_draws_the_pool_in_headless_chromium(live, tmp_path):
     finally:
       done.set()
 
+  # The request's steps are held while Chromium reads the page (the engine thread keeps
+  # answering /v1/pool between the held steps): the 300 tokens took ~0.5 s, less than
+  # Chromium's start, so the page could find the request already done.
+  hold = threading.Event()
+  step = live.llm.step
+
+  def held_step():
+    if hold.is_set():
+      time.sleep(0.01)
+      return []
+    return step()
+
+  live.llm.step = held_step
   t = threading.Thread(target=long_request)
   t.start()
   try:
     deadline = time.time() + 60
-    while live.metric("kv_blocks_used") == 0:
+    while httpx.get(live.url + "/v1/pool", headers=live.headers,
+                    timeout=30).json()["counts"]["shared"] == 0:  # forked: n = 2
       assert time.time() < deadline
-      time.sleep(0.05)
+      time.sleep(0.01)
+    hold.set()
     url = f"{live.url}/#key={KEY}"
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=900,700",
              "--virtual-time-budget=3000"]
@@ -495,7 +510,9 @@ def test_pool_page_draws_the_pool_in_headless_chromium(live, tmp_path):
     shot = tmp_path / "pool.png"
     subprocess.run(flags + [f"--screenshot={shot}", url], capture_output=True, timeout=120)
   finally:
+    hold.clear()
     t.join()
+    del live.llm.step
   counts = dict(re.findall(r'id="([a-z-]+-count)">(\d+)<', dom.stdout))
   assert int(counts["owned-count"]) > 0 and int(counts["shared-count"]) > 0, dom.stdout[-2000:]
   assert int(counts["running-count"]) >= 1
