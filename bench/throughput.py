@@ -469,7 +469,8 @@ def steady_decode(
         if len(st["times"]) % window == 0:  # this window's device steps, for the pairing
           last = st["splits"][-window:]
           st["window_device"].append(
-              float(np.mean([x.get("step_program", 0.0) + x.get("multi_step_program", 0.0) for x in last])))
+              float(np.mean([x.get("step_program", 0.0) + x.get("multi_step_program", 0.0)
+                             for x in last])))
           return
 
   states = [phase_state("plain"), phase_state("split")]

@@ -696,15 +696,7 @@ class Scheduler:
     for gid, group in groups.items():
       try:
         rows = rows_of.get(gid)
-        p = group.params
-        if rows and len(rows) == 1 and group.forked and p.logprobs is None and \
-            not p.use_beam_search:  # most groups: one sample, `_sample_step` inline
-          (s, r), = rows
-          s.seq.append_token(int(result.tokens[r]), float(result.logprobs[r]))
-          self._check_stop(s.seq, group)
-          if after_token is not None:
-            after_token(group)
-        elif rows:
+        if rows:
           if group.params.use_beam_search:
             self._beam_step(group, rows, result)
           else:
@@ -750,6 +742,11 @@ class Scheduler:
 
   def _sample_step(self, group: SequenceGroup, rows, result: StepResult) -> None:
     want_top = group.params.logprobs is not None
+    if group.forked and len(rows) == 1 and not want_top:  # most groups, every step
+      (s, r), = rows
+      s.seq.append_token(int(result.tokens[r]), float(result.logprobs[r]))
+      self._check_stop(s.seq, group)
+      return
     # A fresh prompt's samples fork off its blocks before sample 0 appends its token,
     # so each child starts from the prompt alone.
     targets = [(s.seq, r) for s, r in rows]

@@ -269,11 +269,9 @@ class ModelRunner:
     """
     batch, samp, key, inputs = self.prepare(so)
     prev_tokens = self._no_feed if prev is None else prev[1]
-    if so.num_steps == 1:
-      out, feed = self._run(key, inputs, prev_tokens)
-    else:
-      ms = self._multi_step_batch(so, batch.token_ids.shape[0], samp.row_index.shape[0])
-      out, feed = self._run((*key, "steps", self.num_scheduler_steps), inputs, prev_tokens, ms)
+    ms = None if so.num_steps == 1 else self._multi_step_batch(so, batch.token_ids.shape[0],
+                                                               samp.row_index.shape[0])
+    out, feed = self._run(key, inputs, prev_tokens, ms)
     return out, feed, bool(samp.need_top)
 
   def fetch(self, so, handle):
@@ -296,18 +294,17 @@ class ModelRunner:
                                                for x in out)
 
   def _run(self, key, inputs, prev_tokens, ms=None):
-    """Runs program `key` on packed inputs (`_new_inputs`), and the MultiStepBatch of a
-    multi-step key."""
-    layout = self._inputs[key[:4 if self.impl in ROW_IMPLS else 3]][1]
+    """Runs the program of input key `key` (`prepare`) on its packed inputs; with a
+    MultiStepBatch, the multi-step program (key + ("steps", num_scheduler_steps))."""
+    layout = self._inputs[key][1]
+    if ms is not None:
+      key = (*key, "steps", self.num_scheduler_steps)
     if key not in self.programs:
-      batch, samp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                 jax.tree.unflatten(layout.treedef,
-                                                    [np.empty(shape, dtype)
-                                                     for _, shape, dtype in layout.leaves]))
-      no_feed = jax.ShapeDtypeStruct(prev_tokens.shape, prev_tokens.dtype)
-      self.programs[key] = (batch.replace(prev_tokens=no_feed), samp) + (
-          () if ms is None else (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                              ms),))
+      abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+      batch, samp = jax.tree.unflatten(layout.treedef, [jax.ShapeDtypeStruct(shape, dtype)
+                                                        for _, shape, dtype in layout.leaves])
+      self.programs[key] = (batch.replace(prev_tokens=abstract(prev_tokens)), samp) + (
+          () if ms is None else (jax.tree.map(abstract, ms),))
     common = dict(layout=layout, graphdef=self._static_graph, impl=self.impl,
                   vocab_size=self.vocab_size, mesh=self.mesh)
     if ms is None:
@@ -628,13 +625,13 @@ class ModelRunner:
       if key in self.programs:
         continue
       t_cap, r_cap = key[:2]
-      buf = self._new_inputs(key[:4])[0]
+      buf = self._new_inputs(key[:4])[0]  # (the input key: the multi-step suffix dropped)
       ms = None
       if len(key) > 4:  # multi-step: no inner step runs (the program compiles all the same)
         ms = step_lib.MultiStepBatch(np.asarray(0, np.int32), np.zeros(t_cap, np.int32),
                                      np.zeros((t_cap, p), np.int32),
                                      np.full(r_cap, t_cap, np.int32))
-      self._run(key, buf, self._no_feed, ms)
+      self._run(key[:4], buf, self._no_feed, ms)
     return len(self.programs) - before
 
   # ---------------------------------------------------------------- checks

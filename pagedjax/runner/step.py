@@ -402,8 +402,8 @@ def multi_step(params, kv, batch: StepBatch, samp: SamplingBatch, ms: MultiStepB
   inputs, layout = pack((batch.replace(prev_tokens=None), samp))
   ms_inputs, ms_layout = pack(ms)
   return multi_step_program(params, kv, inputs, batch.prev_tokens, ms_inputs, layout=layout,
-                            ms_layout=ms_layout, graphdef=graphdef, impl=impl, vocab_size=vocab_size,
-                            max_steps=max_steps, mesh=mesh)
+                            ms_layout=ms_layout, graphdef=graphdef, impl=impl,
+                            vocab_size=vocab_size, max_steps=max_steps, mesh=mesh)
 
 
 def lower(params, kv, batch: StepBatch, samp: SamplingBatch, ms: MultiStepBatch | None = None,
