@@ -117,6 +117,33 @@ def test_append_slot_in_place_only_where_no_block_is_taken():
   assert snapshot(bm) == before
 
 
+def test_decode_block_need_counts_as_blocks_to_append_all_or_declines():
+  """The scheduler's steady-decode check on fresh random pools: one-slot appends to
+  distinct sequences take what blocks_to_append_all says; None (nothing changed) for
+  unknown or swapped-out ids and a shared partly filled last block (copy-on-write)."""
+  rng = np.random.default_rng(7)
+  for _ in range(30):
+    bm = BlockManager(64, 4, num_host_blocks=16)
+    ids = [f"s{i}" for i in range(int(rng.integers(1, 8)))]
+    for sid in ids:
+      bm.allocate(sid, int(rng.integers(1, 13)))
+    if rng.random() < 0.5:
+      bm.append_slots(ids[0], int(rng.integers(0, 5)))
+    before = snapshot(bm)
+    assert bm.decode_block_need(ids) == bm.blocks_to_append_all((s, 1) for s in ids)
+    assert snapshot(bm) == before
+    bm.fork(ids[0], "child")
+    shared_partial = bm.num_tokens(ids[0]) % 4 != 0
+    need = bm.decode_block_need(ids)
+    assert need is None if shared_partial else need == bm.blocks_to_append_all(
+      (s, 1) for s in ids)
+    assert bm.decode_block_need(ids + ["nobody"]) is None
+    bm.free("child")
+    bm.swap_out([ids[-1]])
+    assert bm.decode_block_need(ids) is None
+    assert bm.decode_block_need(ids[:-1]) == bm.blocks_to_append_all((s, 1) for s in ids[:-1])
+
+
 def test_append_inside_a_block_needs_no_free_block():
   bm = BlockManager(2, 4)
   bm.allocate("a", 7)

@@ -384,11 +384,13 @@ class BlockManager:
     already cached elsewhere stays an uncached duplicate."""
     if not self.enable_caching:
       return
-    seq = self._get_resident(seq_id)
-    if not seq.cacheable:
-      return
+    seq = self._seqs.get(seq_id)
+    if seq is None or seq.swapped:
+      seq = self._get_resident(seq_id)  # (raises)
     bs = self.block_size
-    end = seq.num_tokens if upto is None else min(upto, seq.num_tokens)
+    end = seq.num_tokens if upto is None or upto > seq.num_tokens else upto
+    if end // bs <= len(seq.entries) or not seq.cacheable:
+      return  # (most calls: every decode step asks)
     for i in range(len(seq.entries), end // bs):
       parent = seq.entries[-1].hash if seq.entries else None
       tokens = tuple(token_slice(i * bs, (i + 1) * bs))
@@ -484,6 +486,24 @@ class BlockManager:
       if n and seq.num_tokens % bs:
         writers[seq.table[-1]] += 1
     return total + sum(min(count, holders(block) - 1) for block, count in writers.items())
+
+  def decode_block_need(self, seq_ids: Iterable[Hashable]) -> int | None:
+    """Device blocks that one-slot appends to each of these distinct sequences take (as
+    `blocks_to_append_all`), or None when one is unknown, swapped out, or would copy a
+    shared partly filled block on write (the scheduler's steady-decode check)."""
+    bs = self.block_size
+    ref_counts = self.device_allocator.ref_counts
+    need = 0
+    for seq_id in seq_ids:
+      seq = self._seqs.get(seq_id)
+      if seq is None or seq.swapped:
+        return None
+      n, table = seq.num_tokens, seq.table
+      if n >= len(table) * bs:
+        need += ceil_div(n + 1, bs) - len(table)
+      elif n % bs and ref_counts[table[-1]] > 1:
+        return None
+    return need
 
   def can_append(self, seq_id: Hashable, num_tokens: int = 1) -> bool:
     """Whether `append_slots(seq_id, num_tokens)` has the blocks it may need."""
@@ -698,15 +718,21 @@ class BlockManager:
     block is copied before anyone writes to it), so only blocks at or past a holder's
     fill point can have empty slots; the engine reads it at every new peak."""
     bs = self.block_size
-    fill: dict[int, int] = {}
+    ref_counts = self.device_allocator.ref_counts
+    empty = 0
+    fill: dict[int, int] = {}  # shared blocks: the fullest holder's fill
     for seq in self._seqs.values():
       if seq.swapped:
         continue
       table, n = seq.table, seq.num_tokens
-      for i in range(n // bs, len(table)):
+      first = n // bs
+      if first == len(table) - 1 and ref_counts[table[first]] == 1:
+        empty += (first + 1) * bs - n  # (most sequences: one partly filled block, its own)
+        continue
+      for i in range(first, len(table)):
         block = table[i]
         fill[block] = max(fill.get(block, 0), min(bs, n - i * bs))
-    return sum(bs - f for f in fill.values())
+    return empty + sum(bs - f for f in fill.values())
 
   def stats(self) -> MemoryStats:
     """Current pool usage; O(total blocks held), not meant for the hot path."""

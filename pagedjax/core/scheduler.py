@@ -115,6 +115,8 @@ class SchedulerOutput:
     num_batched_tokens: tokens computed this step (by its first inner step).
     preempted: groups preempted while building this step.
     num_steps: inner decode steps (> 1: a multi-step decode; every seq is a decode).
+    distinct_groups: each group has one entry in `seqs` (steps of the steady-decode
+      path; `update_from_output` then applies them in one pass).
   """
 
   seqs: list[ScheduledSeq] = dataclasses.field(default_factory=list)
@@ -127,6 +129,7 @@ class SchedulerOutput:
   # Device blocks registered in the prefix cache while building this step (their K/V
   # is written by it): unregistered again if the step fails.
   cached_blocks: list[int] = dataclasses.field(default_factory=list)
+  distinct_groups: bool = False
 
   @property
   def num_sample_rows(self) -> int:
@@ -220,6 +223,9 @@ class Scheduler:
     self.num_blocks_swapped = {"out": 0, "in": 0}
     self._hits: dict = {}  # seq id -> CachedPrefix, of the latest _chunk_plan
     self._feeds: dict[int, int] = {}  # seq id -> fed sample row, while scheduling ahead
+    # Steady decodes take `_schedule_steady_decode` (False: the general path always; the
+    # tests compare the two).
+    self.steady_decode_path = True
 
   # ---------------------------------------------------------------- queues
   def add(self, group: SequenceGroup) -> None:
@@ -291,6 +297,10 @@ class Scheduler:
       if ahead is None:
         return None
       self._feeds, skip = ahead
+    if self.steady_decode_path:
+      out = self._schedule_steady_decode(skip)
+      if out is not None:
+        return out
     out = SchedulerOutput()
     for group in self.running:  # before counting decodes: this can make a group decode-ready
       self._fork_waiting_prefixes(group)
@@ -347,6 +357,45 @@ class Scheduler:
     out.cached_blocks, self.bm.newly_cached = self.bm.newly_cached, []
     if ahead_of is not None and not out.seqs and not out.swap_in:
       return None
+    return out
+
+  def _schedule_steady_decode(self, skip: set[int]) -> SchedulerOutput | None:
+    """The usual step of a busy engine, in two passes over the running groups (the
+    general path below makes a dozen): nothing waits or is swapped out, every running
+    request is one running sequence, those not in `skip` are decode-ready, and the
+    blocks their tokens take are free with no copy-on-write (no preemption). Returns the
+    general path's output for such a step (`tests/test_scheduler_steady.py` compares
+    them step by step), or None, having changed nothing, when the step is not one."""
+    if self.waiting or self.swapped or not self.running:
+      return None
+    feeds = self._feeds
+    plan: list[tuple[SequenceGroup, Sequence]] = []
+    for group in self.running:
+      seqs = group.seqs
+      if len(seqs) != 1 or seqs[0].status is not SequenceStatus.RUNNING:
+        return None
+      if id(group) in skip:
+        continue
+      seq = seqs[0]
+      c, n = seq.num_computed_tokens, seq.num_tokens
+      if not (c == n - 1 or (c == n and seq.seq_id in feeds)):
+        return None  # a chunk to compute
+      plan.append((group, seq))
+    bm = self.bm
+    if not plan:
+      return None
+    need = bm.decode_block_need([seq.seq_id for _, seq in plan])
+    if need is None or need > bm.num_free_blocks:
+      return None
+    out = SchedulerOutput(distinct_groups=True)
+    rows = out.seqs
+    for group, seq in plan:
+      if not bm.append_slot_in_place(seq.seq_id):
+        bm.append_slots(seq.seq_id, 1)  # a new block (no copy: decode_block_need)
+      rows.append(self._row(group, seq, 1))
+    self._feeds = {}
+    out.num_batched_tokens = len(rows)
+    out.cached_blocks, bm.newly_cached = bm.newly_cached, []
     return out
 
   def _feeds_of(self, ahead_of: SchedulerOutput) -> tuple[dict[int, int], set[int]] | None:
@@ -538,6 +587,8 @@ class Scheduler:
 
   def _admit(self, out: SchedulerOutput, budget: int, decodes: list, chunks: list) -> int:
     """Swap-in and admission in arrival order (FCFS); returns the budget left."""
+    if not self.swapped and not self.waiting:
+      return budget
     seats = self.num_running_seqs
     reserved = sum(self._reserved(g) for g in self.running)
     while self.swapped or self.waiting:
@@ -680,6 +731,8 @@ class Scheduler:
   def _update_single_step(self, out: SchedulerOutput, result: StepResult, on_error,
                           after_token) -> list[SequenceGroup]:
     result = result.as_lists()
+    if out.distinct_groups:
+      return self._update_distinct_groups(out, result, on_error, after_token)
     rows_of: dict[int, list[tuple[ScheduledSeq, int]]] = {}
     groups: dict[int, SequenceGroup] = {}
     r = 0
@@ -708,6 +761,35 @@ class Scheduler:
         on_error(group, e)
     self.drop_finished()
     return list(groups.values())
+
+  def _update_distinct_groups(self, out: SchedulerOutput, result: StepResult, on_error,
+                              after_token) -> list[SequenceGroup]:
+    """`_update_single_step` of a step whose groups each have one entry (one pass)."""
+    groups = []
+    r = 0
+    for s in out.seqs:
+      seq, group = s.seq, s.group
+      seq.num_computed_tokens = s.start + len(s.token_ids)
+      k = len(s.sample_indices)
+      rows = [(s, r)] if k == 1 else [(s, r + j) for j in range(k)]
+      r += k
+      if group.is_finished:
+        continue  # (as in _update_single_step: not reported again)
+      groups.append(group)
+      if not rows or seq.is_finished:
+        continue
+      try:
+        if group.params.use_beam_search:
+          self._beam_step(group, rows, result)
+        else:
+          self._sample_step(group, rows, result)
+        if after_token is not None:
+          after_token(group)
+      except Exception as e:  # noqa: BLE001  (isolation, as in _update_single_step)
+        self.finish_group(group, "error")
+        on_error(group, e)
+    self.drop_finished()
+    return groups
 
   def _update_multi_step(self, out: SchedulerOutput, result: StepResult, on_error,
                          after_token) -> list[SequenceGroup]:
