@@ -262,6 +262,9 @@ def _component_times(llm: LLM, batch, samp, reps: int) -> dict:
   geometry = kvc.PoolGeometry.of(runner.kv.k_pages)
   t = batch.token_ids.shape[0]
   kv = [runner.kv]
+  # (prepare's views: the program takes prev_tokens beside the buffer; need_top as int32)
+  batch = batch.replace(prev_tokens=runner._no_feed)
+  samp = samp.replace(need_top=np.asarray(bool(samp.need_top)))
 
   def full(b, s):  # chains the donated cache through the repeats
     kv[0], out, _ = step_lib.step(runner._param_leaves, kv[0], b, s,

@@ -76,8 +76,10 @@ def _reference(so, t_cap, bs, tile):
       logits.append(first + n - 1)
       ds = s.group.device_sampling
       for j in s.sample_indices:
-        rows.append((len(logits) - 1, j, len(s.seq.output_token_ids) + (s.feed_row >= 0),
-                     ds.temperature, ds.top_k, ds.top_p, ds.seed_words))
+        out_pos = len(s.seq.output_token_ids) + (s.feed_row >= 0)
+        banned = list(ds.banned_ids) if out_pos < ds.banned_until else []
+        rows.append((len(logits) - 1, j, out_pos, ds.temperature, ds.top_k, ds.top_p,
+                     ds.seed_words, banned))
     if n == 1 and s.sample_indices:
       decodes.append((s.start, first, tuple(s.block_table)))
     else:
@@ -94,13 +96,16 @@ def _reference(so, t_cap, bs, tile):
 
 def test_prepare_matches_a_plain_python_reference(llm):
   """Each step's packed buffer, unpacked as the program does, against the scheduled
-  sequences read in plain Python (decodes, chunks, fed decodes, logprobs rows, n > 1);
-  each step has a buffer of its own and the per-program templates stay all padding."""
+  sequences read in plain Python (decodes, chunks, fed decodes, logprobs rows, n > 1,
+  min_tokens bans set and cleared, block tables growing), built from the padding
+  template or from the decode step before (the persistent decode batch); each step has
+  a buffer of its own and the per-program templates stay all padding."""
   from pagedjax.runner.attention import TILE_SIZE
   runner = llm.runner
   bs = runner.block_size
   seen = []
-  original = runner.prepare
+  original, new_inputs = runner.prepare, runner._new_inputs
+  bases = []
 
   def prepare(so):
     out = original(so)
@@ -108,16 +113,28 @@ def test_prepare_matches_a_plain_python_reference(llm):
       seen.append((out, _reference(so, out[0].token_ids.shape[0], bs, TILE_SIZE)))
     return out
 
-  runner.prepare = prepare
+  def tracked(key, base=None):
+    bases.append(base is not None)
+    return new_inputs(key, base)
+
+  runner.prepare, runner._new_inputs = prepare, tracked
   try:
     llm.generate(["a b c d e f g h i j k l m n o p q r s t", "xy", "z"],
                  [SamplingParams(max_tokens=5, temperature=0.0),
                   SamplingParams(max_tokens=6, temperature=0.8, seed=3, logprobs=2),
                   SamplingParams(max_tokens=3, n=2, temperature=0.5, seed=1)])
+    # Steady decodes: the same sequences step after step, tables growing (blocks of 4),
+    # a ban lifted mid-run (min_tokens), a request ending (the batch shrinks).
+    llm.generate(["a b c", "d", "e f g h i"],
+                 [SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True),
+                  SamplingParams(max_tokens=18, temperature=0.9, seed=5, min_tokens=7,
+                                 stop_token_ids=[7, 9]),
+                  SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)])
   finally:
-    runner.prepare = original
+    runner.prepare, runner._new_inputs = original, new_inputs
   assert len(seen) > 5 and len({id(out[3]) for out, _ in seen}) == len(seen)
-  kinds = set()
+  assert sum(bases) >= 10  # steps that started from the decode step before
+  kinds, bans = set(), set()
   for (batch, samp, key, buf), ref in seen:
     b, s = step_lib.unpack(jnp.asarray(buf), runner._inputs[key][1])
     b, s = jax.tree.map(np.asarray, (b, s))
@@ -134,9 +151,11 @@ def test_prepare_matches_a_plain_python_reference(llm):
     got_rows = list(zip(s.row_index[:n].tolist(), s.sample_indices[:n].tolist(),
                         s.out_positions[:n].tolist(), s.temperature[:n].tolist(),
                         s.top_k[:n].tolist(), s.top_p[:n].tolist(),
-                        [tuple(x) for x in s.seeds[:n].tolist()]))
-    assert got_rows == [(r, j, o, np.float32(t), k, np.float32(p), sw)
-                        for r, j, o, t, k, p, sw in ref["rows"]]
+                        [tuple(x) for x in s.seeds[:n].tolist()],
+                        [[x for x in row if x >= 0] for row in s.banned_ids[:n].tolist()]))
+    assert got_rows == [(r, j, o, np.float32(t), k, np.float32(p), sw, ban)
+                        for r, j, o, t, k, p, sw, ban in ref["rows"]]
+    assert (s.banned_ids[:n][s.banned_ids[:n] < 0] == -1).all() and (s.banned_ids[n:] == -1).all()
     assert (s.temperature[n:] == 0).all() and (s.top_p[n:] == 1).all()
     a = b.attn
     live = a.decode_positions >= 0
@@ -151,7 +170,9 @@ def test_prepare_matches_a_plain_python_reference(llm):
                                                a.tile_block_tables[live])]
     assert got_tiles == [(i, p, t + (0,) * (width - len(t))) for _, i, p, t in ref["tiles"]]
     kinds.add((bool(ref["decodes"]), bool(ref["tiles"]), bool(fed.any())))
+    bans.update(bool(row[-1]) for row in ref["rows"] if row[3] > 0.85)  # (the min_tokens one)
   assert {(True, False, True), (False, True, False)} <= kinds, kinds
+  assert bans == {True, False}  # a ban set, then lifted
   for key, (template, _) in runner._inputs.items():
     np.testing.assert_array_equal(template, step_lib.pack(runner._padding_inputs(key))[0])
 

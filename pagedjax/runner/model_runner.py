@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +60,18 @@ class DeviceSampling:
   banned_until: int
   banned_ids: tuple[int, ...]
   wants_top: bool = False
+
+
+class _DecodeBatch(NamedTuple):
+  """What `_prepare_decodes` keeps of the decode step it built last (its buffer is
+  never written again: the next step starts from a copy)."""
+
+  key: tuple  # the program's input key
+  seqs: list  # the Sequence of each token row
+  buf: np.ndarray  # the packed inputs
+  order: list[int]  # decode row k (past the padding) is token row order[k]
+  tables: list[list[int]]  # the block table of each token row
+  banned: list[int]  # rows of requests with min_tokens bans
 
 
 def _wait_or_delete(tree) -> None:
@@ -169,6 +183,7 @@ class ModelRunner:
     self.programs: dict[tuple, tuple] = {}  # program key -> abstract (batch, sampling)
     # (t_cap, r_cap, attention shape) -> (all-padding packed inputs, their layout)
     self._inputs: dict[tuple, tuple[np.ndarray, step_lib.PackLayout]] = {}
+    self._last_decode: _DecodeBatch | None = None  # (`_prepare_decodes`)
 
   # ------------------------------------------------------------------ state
   def _new_kv(self) -> kvc.KVCache:
@@ -227,6 +242,7 @@ class ModelRunner:
 
   def reset(self, *, device: bool, host: bool) -> None:
     """Allocates fresh (zero) pages after a failure deleted them."""
+    self._last_decode = None
     if device:
       self.kv = self._new_kv()
     if host:
@@ -282,7 +298,9 @@ class ModelRunner:
     are then deleted, so that `state_is_lost` reports them."""
     out, _, need_top = handle
     try:
-      out = jax.device_get(out if need_top else out[:1])  # (the head: one transfer)
+      # (the head: one transfer; np.asarray, not jax.device_get: its tree walk, trace
+      # annotations and context managers cost more than the copy at batch 1)
+      out = [np.asarray(x) for x in (out if need_top else out[:1])]
     except Exception:
       try:
         _wait_or_delete(self.kv)
@@ -377,16 +395,16 @@ class ModelRunner:
                                   np.full((r_cap, MAX_BANNED), -1, np.int32), np.asarray(False))
     return batch, samp
 
-  def _new_inputs(self, key: tuple):
-    """A fresh packed input buffer of program `key` holding its all-padding inputs, and
-    the typed StepBatch / SamplingBatch whose arrays are views into it (prepare fills
-    them; the program gets the buffer, one argument: see `step_lib.pack`). need_top is
-    an int32 view here (prepare puts the bool in the SamplingBatch it returns)."""
+  def _new_inputs(self, key: tuple, base: np.ndarray | None = None):
+    """A fresh packed input buffer of program `key` holding its all-padding inputs (or a
+    copy of `base`, an earlier buffer of that program), and the typed StepBatch /
+    SamplingBatch whose arrays are views into it (prepare fills them; the program gets
+    the buffer, one argument: see `step_lib.pack`; a bool leaf is an int32 view)."""
     entry = self._inputs.get(key)
     if entry is None:
       entry = self._inputs[key] = step_lib.pack(self._padding_inputs(key))
     template, layout = entry
-    buf = template.copy()
+    buf = (template if base is None else base).copy()  # (a dispatched buffer is never written)
     views = [np.ndarray(shape, np.int32 if dtype == bool else dtype, buffer=buf, offset=4 * o)
              for o, shape, dtype in layout.leaves]
     batch, samp = jax.tree.unflatten(layout.treedef, views)
@@ -394,11 +412,13 @@ class ModelRunner:
 
   def prepare(self, so):
     """Packs a scheduled step into its program's bucketed input buffer; returns the typed
-    StepBatch (prev_tokens: the no-feed array) and SamplingBatch (views into the buffer),
-    the program key and the buffer."""
+    StepBatch and SamplingBatch (views into the buffer: prev_tokens None, the program
+    takes it beside the buffer; need_top a 0 / 1 int32 view), the program key and the
+    buffer."""
     seqs = so.seqs
     if self.impl in ROW_IMPLS and all(len(s.token_ids) == 1 and s.sample_indices for s in seqs):
       return self._prepare_decodes(seqs)
+    self._last_decode = None
     n = len(seqs)
     bs = self.block_size
     lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, n)  # [S]
@@ -441,45 +461,78 @@ class ModelRunner:
     feed_rows = np.fromiter((s.feed_row for s in seqs), np.int32, n)  # [S]
     fed = feed_rows >= 0
     batch.feed_index[cu[:-1][fed]] = feed_rows[fed]
-    need_top = self._fill_sampling(samp, batch.logits_index, sampling, cu)
+    self._fill_sampling(samp, batch.logits_index, sampling, cu)
     if self.impl in ROW_IMPLS:
       self._fill_tiles(batch.attn, lens, starts, cu, tables, t_cap, is_decode)
     else:
       self._fill_ragged(batch.attn, lens, starts, cu, tables)
-    return (batch.replace(prev_tokens=self._no_feed), samp.replace(need_top=np.asarray(need_top)),
-            key, buf)
+    return batch, samp, key, buf
 
   def _prepare_decodes(self, seqs):
-    """`prepare` of a decode-only step on the xla path (most steps): sequence i is token
-    row i and logits row i, so each column is one Python list stored once (the general
-    path's numpy index arithmetic costs more than it saves at these sizes). The same
-    inputs as the general path (tested against a plain-Python reference)."""
+    """`prepare` of a decode-only step on the xla / cpu path (most steps): sequence i is
+    token row i and logits row i, so each column is one Python list stored once (the
+    general path's numpy index arithmetic costs more than it saves at these sizes).
+
+    When the decode step before had the same sequences in the same order (steady
+    decoding: vLLM V1's persistent batch), its buffer is the starting point: the
+    sampling rows (fixed per request) are in it already, and so are the block-table rows
+    of the tables that did not change; only tokens, positions, slots, feeds, output
+    positions, min_tokens bans and the tables that grew are written. The same inputs as
+    the general path either way (tests/test_step_inputs.py checks every step's buffer
+    against a plain-Python reference)."""
     n = len(seqs)
     bs = self.block_size
     num_rows = sum(len(s.sample_indices) for s in seqs)
     t_cap = next_power_of_two(max(n, num_rows), self._min_decode_bucket)
     r_cap = self._row_bucket(num_rows, t_cap, False)
     key = (t_cap, r_cap, r_cap, 0)  # (`_tile_shape`: every row a decode, no tile)
-    buf, batch, samp = self._new_inputs(key)
+    members = [s.seq for s in seqs]
+    last = self._last_decode
+    same = (last is not None and last.key == key and num_rows == n == len(last.seqs)
+            and all(map(operator.is_, members, last.seqs)))
+    buf, batch, samp = self._new_inputs(key, last.buf if same else None)
     starts = [s.start for s in seqs]
     tables = [s.block_table for s in seqs]
     batch.token_ids[:n] = [s.token_ids[0] for s in seqs]
     batch.positions[:n] = starts
     batch.slot_mapping[:n] = [t[p // bs] * bs + p % bs for t, p in zip(tables, starts)]
-    batch.feed_index[:n] = [s.feed_row for s in seqs]  # (-1: not fed)
-    need_top = self._fill_sampling(samp, batch.logits_index, list(enumerate(seqs)),
-                                   range(n + 1))
+    feeds = [s.feed_row for s in seqs]
+    batch.feed_index[:n] = feeds  # (-1: not fed)
+    if same:
+      banned = last.banned
+      # A fed decode's own token is still in flight: it draws output position num_out + 1.
+      num_out = [len(q.output_token_ids) + (f >= 0) for q, f in zip(members, feeds)]
+      samp.out_positions[:n] = num_out
+      for r in banned:  # rows of requests with min_tokens bans: set or cleared
+        d = seqs[r].group.device_sampling
+        samp.banned_ids[r] = -1
+        if num_out[r] < d.banned_until:
+          samp.banned_ids[r, :len(d.banned_ids)] = d.banned_ids
+    else:
+      self._fill_sampling(samp, batch.logits_index, list(enumerate(seqs)), range(n + 1))
+      banned = [r for r, s in enumerate(seqs) if s.group.device_sampling.banned_until > 0]
     # Decode rows sorted by context, the padding first (as `_fill_tiles`).
     meta = batch.attn
     order = sorted(range(n), key=starts.__getitem__)
     first = r_cap - n
-    meta.decode_token_index[first:] = order
     meta.decode_positions[first:] = [starts[i] for i in order]
     rows = meta.decode_block_tables
-    for k, i in enumerate(order):
-      rows[first + k, :len(tables[i])] = tables[i]
-    return (batch.replace(prev_tokens=self._no_feed), samp.replace(need_top=np.asarray(need_top)),
-            key, buf)
+    if same and order == last.order:  # (each context one longer: the usual case)
+      for k, i in enumerate(order):
+        t = tables[i]
+        if t != last.tables[i]:
+          rows[first + k, :len(t)] = t
+          rows[first + k, len(t):] = 0
+    else:
+      meta.decode_token_index[first:] = order
+      if same:
+        rows[first:] = 0
+      for k, i in enumerate(order):
+        rows[first + k, :len(tables[i])] = tables[i]
+    # (A fresh n > 1 prompt's rows are not one per sequence: such a step is not kept.)
+    self._last_decode = (_DecodeBatch(key, members, buf, order, tables, banned)
+                         if num_rows == n else None)
+    return batch, samp, key, buf
 
   @staticmethod
   def _tile_shape(lens, is_decode, t_cap: int, r_cap: int) -> tuple[int, int]:
