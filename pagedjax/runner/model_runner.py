@@ -317,7 +317,8 @@ class ModelRunner:
     layout = self._inputs[key][1]
     if ms is not None:
       key = (*key, "steps", self.num_scheduler_steps)
-    if key not in self.programs:
+    first = key not in self.programs
+    if first:
       abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
       batch, samp = jax.tree.unflatten(layout.treedef, [jax.ShapeDtypeStruct(shape, dtype)
                                                         for _, shape, dtype in layout.leaves])
@@ -328,7 +329,7 @@ class ModelRunner:
     if ms is None:
       self.kv, out, feed = step_lib.step_program(self._param_leaves, self.kv, inputs,
                                                  prev_tokens, **common)
-      if feed.sharding != self._no_feed.sharding:
+      if first and feed.sharding != self._no_feed.sharding:  # (a Python __eq__: not per step)
         self._no_feed = jax.device_put(self._no_feed, feed.sharding)
       return out, feed
     ms_inputs, ms_layout = step_lib.pack(ms)
