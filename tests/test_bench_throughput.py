@@ -98,6 +98,9 @@ def test_quick_run_writes_sane_json_only_under_tmp(tmp_path, monkeypatch):
   # a quick run does not warm up, and overlapped host work can meet the device's time).
   for shares in (steady["host_share_by_batch"], steady["host_share_by_batch_after_results"]):
     assert set(shares) == {"4", "1"} and all(v < 1 for v in shares.values())
+  for b, split in steady["host_step_split_s_by_batch"].items():  # each share's own run
+    assert split["device_step_synced"] > 0 and steady["host_median_step_s_by_batch"][b] > 0
+    assert steady["host_share_pairs_by_batch"][b] >= 1
   e2e = doc["end_to_end"]
   assert e2e["num_requests"] == 2 and e2e["model_gflops"] > 0 and e2e["wall_s"] > 0
   assert 0 < e2e["fraction_of_matmul_rate_64x256x704"] and e2e["num_steps"] >= e2e["mean_output"]
