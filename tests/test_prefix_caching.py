@@ -256,3 +256,36 @@ def test_a_failed_step_leaves_no_cached_garbage(monkeypatch):
   monkeypatch.setattr(llm.runner, "submit", real)
   assert _tokens(llm.generate(prompt, GREEDY)) == want
   assert llm.memory_stats()["num_free_blocks"] == 64
+
+
+def test_async_scheduling_registers_every_full_block_of_known_tokens():
+  """Under async scheduling a fed decode's own token is hashed when it arrives; the
+  blocks before it are registered already when its step is built (the scheduler relies
+  on this and skips the check), and the cache ends as scheduling after results leaves it."""
+  prompts = [SYSTEM + q for q in QUESTIONS[:3]] + ["short"]
+  mixed = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+           SamplingParams(max_tokens=35, temperature=0.8, seed=1, ignore_eos=True),
+           SamplingParams(n=2, max_tokens=30, temperature=0.9, seed=2, ignore_eos=True),
+           SamplingParams(max_tokens=33, temperature=0.0, ignore_eos=True)]
+  caches = {}
+  for async_scheduling in (True, False):
+    llm = LLM(num_blocks=256, max_num_seqs=8, max_num_batched_tokens=64,
+              async_scheduling=async_scheduling)
+    bm, sched = llm.scheduler.bm, llm.scheduler
+    schedule, fed = sched.schedule, []
+
+    def checked(ahead_of=None, schedule=schedule, bm=bm, fed=fed):
+      so = schedule(ahead_of)
+      for s in (so.seqs if so is not None else ()):
+        if s.feed_row >= 0:
+          fed.append(s.start)
+          entry = bm._seqs[s.seq.seq_id]
+          assert not entry.cacheable or len(entry.entries) == s.start // bm.block_size
+      return so
+
+    sched.schedule = checked
+    outs = _tokens(llm.generate(prompts, mixed))
+    assert bool(fed) == async_scheduling
+    assert {s % 16 for s in fed} == set(range(16)) or not async_scheduling
+    caches[async_scheduling] = (outs, set(bm._cache))
+  assert caches[True] == caches[False]

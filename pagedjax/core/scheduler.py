@@ -554,12 +554,15 @@ class Scheduler:
     """The ScheduledSeq of `n` tokens of `seq` whose slots are reserved."""
     start = seq.num_computed_tokens
     end = start + n
-    # Only blocks of known tokens: a fed decode's token is hashed once it arrives.
-    self.bm.cache_full_blocks(seq.seq_id, seq.token_slice, upto=seq.num_tokens)
     feed_row = self._feeds.get(seq.seq_id, -1)
     if feed_row >= 0:
+      # Its blocks of known tokens (the first `start`) are registered already: when the
+      # results before the step it is fed from were applied (`_learn_fed_tokens` of that
+      # step's fed row) or when that step's row was built (here). Its own token is hashed
+      # once it arrives.
       return ScheduledSeq(seq, group, start, [0], self.bm.block_table(seq.seq_id),
                           (seq.sample_index,), feed_row=feed_row)
+    self.bm.cache_full_blocks(seq.seq_id, seq.token_slice, upto=seq.num_tokens)
     if end < seq.num_tokens:
       samples: tuple[int, ...] = ()
     elif not group.forked and group.width > 1 and not group.params.use_beam_search:
@@ -720,11 +723,13 @@ class Scheduler:
 
   def _learn_fed_tokens(self, ahead: SchedulerOutput) -> None:
     self.bm.newly_cached = []
+    bs = self.bm.block_size
     for s in ahead.seqs:
       if s.feed_row >= 0 and not s.seq.is_finished:
         seq = s.seq
         s.token_ids = [seq.output_token_ids[-1]]
-        self.bm.cache_full_blocks(seq.seq_id, seq.token_slice, upto=s.start + 1)
+        if (s.start + 1) % bs == 0:  # (the first `start` tokens' blocks are registered)
+          self.bm.cache_full_blocks(seq.seq_id, seq.token_slice, upto=s.start + 1)
     ahead.cached_blocks += self.bm.newly_cached
     self.bm.newly_cached = []
 
