@@ -120,18 +120,29 @@ def test_append_slot_in_place_only_where_no_block_is_taken():
 def test_decode_block_need_counts_as_blocks_to_append_all_or_declines():
   """The scheduler's steady-decode check on fresh random pools: one-slot appends to
   distinct sequences take what blocks_to_append_all says; None (nothing changed) for
-  unknown or swapped-out ids and a shared partly filled last block (copy-on-write)."""
-  rng = np.random.default_rng(7)
-  for _ in range(30):
-    bm = BlockManager(64, 4, num_host_blocks=16)
-    ids = [f"s{i}" for i in range(int(rng.integers(1, 8)))]
-    for sid in ids:
-      bm.allocate(sid, int(rng.integers(1, 13)))
-    if rng.random() < 0.5:
-      bm.append_slots(ids[0], int(rng.integers(0, 5)))
+  unknown or swapped-out ids and a shared partly filled last block (copy-on-write).
+  append_decode_slot then does what append_slots(seq_id, 1) does."""
+  for case in range(30):
+    def build():
+      r = np.random.default_rng(case)
+      bm = BlockManager(64, 4, num_host_blocks=16)
+      ids = [f"s{i}" for i in range(int(r.integers(1, 8)))]
+      for sid in ids:
+        bm.allocate(sid, int(r.integers(1, 13)))
+      if r.random() < 0.5:
+        bm.append_slots(ids[0], int(r.integers(0, 5)))
+      return bm, ids
+    bm, ids = build()
     before = snapshot(bm)
     assert bm.decode_block_need(ids) == bm.blocks_to_append_all((s, 1) for s in ids)
     assert snapshot(bm) == before
+    twin, _ = build()
+    tables = [twin.append_decode_slot(s) for s in ids]
+    for sid in ids:
+      bm.append_slots(sid, 1)
+    assert snapshot(twin) == snapshot(bm) and tables == [bm.block_table(s) for s in ids]
+    tables[0].append(-1)  # (a copy)
+    assert twin.block_table(ids[0]) == bm.block_table(ids[0])
     bm.fork(ids[0], "child")
     shared_partial = bm.num_tokens(ids[0]) % 4 != 0
     need = bm.decode_block_need(ids)

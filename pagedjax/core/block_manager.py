@@ -505,6 +505,18 @@ class BlockManager:
         return None
     return need
 
+  def append_decode_slot(self, seq_id: Hashable) -> list[int]:
+    """`append_slots(seq_id, 1)` of a sequence that `decode_block_need` accepted (no
+    copy-on-write; its new block, if any, free), returning a copy of its block table:
+    the scheduler's steady decode step, one call per sequence."""
+    seq = self._seqs[seq_id]
+    table, n = seq.table, seq.num_tokens
+    if n >= len(table) * self.block_size:
+      table.append(self.device_allocator.allocate())
+      self._note_usage()
+    seq.num_tokens = n + 1
+    return list(table)
+
   def can_append(self, seq_id: Hashable, num_tokens: int = 1) -> bool:
     """Whether `append_slots(seq_id, num_tokens)` has the blocks it may need."""
     return self.blocks_to_append(seq_id, num_tokens) <= self.device_allocator.num_free_blocks

@@ -389,10 +389,8 @@ class Scheduler:
       return None
     out = SchedulerOutput(distinct_groups=True)
     rows = out.seqs
-    for group, seq in plan:
-      if not bm.append_slot_in_place(seq.seq_id):
-        bm.append_slots(seq.seq_id, 1)  # a new block (no copy: decode_block_need)
-      rows.append(self._row(group, seq, 1))
+    for group, seq in plan:  # (one sequence at a time, as the general path: same cache)
+      rows.append(self._row(group, seq, 1, bm.append_decode_slot(seq.seq_id)))
     self._feeds = {}
     out.num_batched_tokens = len(rows)
     out.cached_blocks, bm.newly_cached = bm.newly_cached, []
@@ -550,8 +548,12 @@ class Scheduler:
       rows.append(self._row(group, seq, n))
     return rows
 
-  def _row(self, group: SequenceGroup, seq: Sequence, n: int) -> ScheduledSeq:
-    """The ScheduledSeq of `n` tokens of `seq` whose slots are reserved."""
+  def _row(self, group: SequenceGroup, seq: Sequence, n: int,
+           table: list[int] | None = None) -> ScheduledSeq:
+    """The ScheduledSeq of `n` tokens of `seq` whose slots are reserved (`table`: a copy
+    of its block table, if the caller has one)."""
+    if table is None:
+      table = self.bm.block_table(seq.seq_id)
     start = seq.num_computed_tokens
     end = start + n
     feed_row = self._feeds.get(seq.seq_id, -1)
@@ -560,8 +562,8 @@ class Scheduler:
       # results before the step it is fed from were applied (`_learn_fed_tokens` of that
       # step's fed row) or when that step's row was built (here). Its own token is hashed
       # once it arrives.
-      return ScheduledSeq(seq, group, start, [0], self.bm.block_table(seq.seq_id),
-                          (seq.sample_index,), feed_row=feed_row)
+      return ScheduledSeq(seq, group, start, [0], table, (seq.sample_index,),
+                          feed_row=feed_row)
     self.bm.cache_full_blocks(seq.seq_id, seq.token_slice, upto=seq.num_tokens)
     if end < seq.num_tokens:
       samples: tuple[int, ...] = ()
@@ -569,8 +571,7 @@ class Scheduler:
       samples = tuple(range(group.width))  # the prompt's n samples, forked after the step
     else:
       samples = (seq.sample_index,)
-    return ScheduledSeq(seq, group, start, seq.token_slice(start, end),
-                        self.bm.block_table(seq.seq_id), samples)
+    return ScheduledSeq(seq, group, start, seq.token_slice(start, end), table, samples)
 
   def reserved_blocks(self, prompt_len: int, max_tokens: int, width: int) -> int:
     """Blocks the reservation policy sets aside for a request (0 without one): width x
@@ -775,19 +776,22 @@ class Scheduler:
     for s in out.seqs:
       seq, group = s.seq, s.group
       seq.num_computed_tokens = s.start + len(s.token_ids)
-      k = len(s.sample_indices)
-      rows = [(s, r)] if k == 1 else [(s, r + j) for j in range(k)]
+      first, k = r, len(s.sample_indices)
       r += k
       if group.is_finished:
         continue  # (as in _update_single_step: not reported again)
       groups.append(group)
-      if not rows or seq.is_finished:
+      if not k or seq.is_finished:
         continue
       try:
-        if group.params.use_beam_search:
-          self._beam_step(group, rows, result)
+        p = group.params
+        if k == 1 and group.forked and p.logprobs is None and not p.use_beam_search:
+          # (_sample_step's one-sample case, inline: most rows)
+          seq.append_token(int(result.tokens[first]), float(result.logprobs[first]))
+          self._check_stop(seq, group)
         else:
-          self._sample_step(group, rows, result)
+          rows = [(s, first + j) for j in range(k)]
+          (self._beam_step if p.use_beam_search else self._sample_step)(group, rows, result)
         if after_token is not None:
           after_token(group)
       except Exception as e:  # noqa: BLE001  (isolation, as in _update_single_step)

@@ -447,7 +447,7 @@ class LLM:
       groups = self.scheduler.update_from_output(so, StepResult(*out), on_error=self._failed,
                                                  after_token=self._check_stop_strings)
     self._account(so, start)
-    return self._touched(groups + failed)
+    return self._touched(groups, failed)
 
   def _step_async(self) -> list[SequenceGroup]:
     """One step under async scheduling: completes the step in flight (dispatching the
@@ -497,7 +497,7 @@ class LLM:
         self._inflight = (nxt, nxt_handle)  # (else every request it served has ended)
       self._stats["num_generated_tokens"] -= moot
     self._account(so, start)
-    return self._touched(groups + failed)
+    return self._touched(groups, failed)
 
   def _schedule(self):
     so = self.scheduler.schedule()
@@ -537,12 +537,14 @@ class LLM:
         pass
     self._rebuild_lost_state([g for g in so.groups if not g.is_finished])
 
-  def _touched(self, groups: list[SequenceGroup]) -> list[SequenceGroup]:
-    touched = {g.request_id: g for g in groups}
-    for rid, g in touched.items():
+  def _touched(self, groups: list[SequenceGroup], failed: list[SequenceGroup] = ()):
+    """The groups a step advanced (each once) and those it failed; forgets finished ones."""
+    if failed:  # (a failed group may be one the step advanced too)
+      groups = list({g.request_id: g for g in groups + failed}.values())
+    for g in groups:
       if g.is_finished:
-        self._groups.pop(rid, None)
-    return list(touched.values())
+        self._groups.pop(g.request_id, None)
+    return groups
 
   def _recover(self, so, error: Exception) -> list[SequenceGroup]:
     """After a failed device step: fail its requests, rebuild lost state, keep serving."""

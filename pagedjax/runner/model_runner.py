@@ -62,6 +62,11 @@ class DeviceSampling:
   wants_top: bool = False
 
 
+_SEQ, _START, _TABLE, _FEED, _SAMPLES, _TOKENS, _OUTPUT = map(operator.attrgetter, (
+  "seq", "start", "block_table", "feed_row", "sample_indices", "token_ids", "output_token_ids"))
+_FIRST = operator.itemgetter(0)
+
+
 class _DecodeBatch(NamedTuple):
   """What `_prepare_decodes` keeps of the decode step it built last (its buffer is
   never written again: the next step starts from a copy)."""
@@ -483,27 +488,29 @@ class ModelRunner:
     against a plain-Python reference)."""
     n = len(seqs)
     bs = self.block_size
-    num_rows = sum(len(s.sample_indices) for s in seqs)
+    # (Columns read with C-level maps: a Python frame per element costs more here.)
+    num_rows = sum(map(len, map(_SAMPLES, seqs)))
     t_cap = next_power_of_two(max(n, num_rows), self._min_decode_bucket)
     r_cap = self._row_bucket(num_rows, t_cap, False)
     key = (t_cap, r_cap, r_cap, 0)  # (`_tile_shape`: every row a decode, no tile)
-    members = [s.seq for s in seqs]
+    members = list(map(_SEQ, seqs))
     last = self._last_decode
     same = (last is not None and last.key == key and num_rows == n == len(last.seqs)
             and all(map(operator.is_, members, last.seqs)))
     buf, batch, samp = self._new_inputs(key, last.buf if same else None)
-    starts = [s.start for s in seqs]
-    tables = [s.block_table for s in seqs]
-    batch.token_ids[:n] = [s.token_ids[0] for s in seqs]
+    starts = list(map(_START, seqs))
+    tables = list(map(_TABLE, seqs))
+    batch.token_ids[:n] = list(map(_FIRST, map(_TOKENS, seqs)))
     batch.positions[:n] = starts
     batch.slot_mapping[:n] = [t[p // bs] * bs + p % bs for t, p in zip(tables, starts)]
-    feeds = [s.feed_row for s in seqs]
+    feeds = list(map(_FEED, seqs))
     batch.feed_index[:n] = feeds  # (-1: not fed)
     if same:
       banned = last.banned
       # A fed decode's own token is still in flight: it draws output position num_out + 1.
-      num_out = [len(q.output_token_ids) + (f >= 0) for q, f in zip(members, feeds)]
-      samp.out_positions[:n] = num_out
+      num_out = samp.out_positions[:n]
+      num_out[:] = list(map(len, map(_OUTPUT, members)))
+      num_out += batch.feed_index[:n] >= 0
       for r in banned:  # rows of requests with min_tokens bans: set or cleared
         d = seqs[r].group.device_sampling
         samp.banned_ids[r] = -1
@@ -516,14 +523,13 @@ class ModelRunner:
     meta = batch.attn
     order = sorted(range(n), key=starts.__getitem__)
     first = r_cap - n
-    meta.decode_positions[first:] = [starts[i] for i in order]
+    meta.decode_positions[first:] = list(map(starts.__getitem__, order))
     rows = meta.decode_block_tables
     if same and order == last.order:  # (each context one longer: the usual case)
-      for k, i in enumerate(order):
-        t = tables[i]
-        if t != last.tables[i]:
-          rows[first + k, :len(t)] = t
-          rows[first + k, len(t):] = 0
+      for i in itertools.compress(range(n), map(operator.ne, tables, last.tables)):
+        t, k = tables[i], first + order.index(i)  # (a few rows a step: those that grew)
+        rows[k, :len(t)] = t
+        rows[k, len(t):] = 0
     else:
       meta.decode_token_index[first:] = order
       if same:
