@@ -25,6 +25,11 @@ class SequenceStatus(enum.Enum):
   FINISHED = "finished"
 
 
+# Read in the per-step loops: an enum member's attribute lookup (SequenceStatus.X) costs
+# ~3x a module global's on Python 3.11.
+_RUNNING, _FINISHED = SequenceStatus.RUNNING, SequenceStatus.FINISHED
+
+
 class Sequence:
   """One token stream: prompt + generated tokens, and how much of it is cached."""
 
@@ -77,7 +82,7 @@ class Sequence:
 
   @property
   def is_finished(self) -> bool:
-    return self.status is SequenceStatus.FINISHED
+    return self.status is _FINISHED
 
   def fork(self, *, sample_index: int) -> Sequence:
     """A new sequence with this one's tokens so far (its blocks are forked by the caller)."""
@@ -157,15 +162,15 @@ class SequenceGroup:
   def live_seqs(self) -> list[Sequence]:
     seqs = self.seqs
     if len(seqs) == 1:
-      return [] if seqs[0].status is SequenceStatus.FINISHED else [seqs[0]]
-    return [s for s in seqs if s.status is not SequenceStatus.FINISHED]
+      return [] if seqs[0].status is _FINISHED else [seqs[0]]
+    return [s for s in seqs if s.status is not _FINISHED]
 
   @property
   def is_finished(self) -> bool:
     seqs = self.seqs
     if len(seqs) == 1:
-      return seqs[0].status is SequenceStatus.FINISHED
-    return all(s.status is SequenceStatus.FINISHED for s in seqs)
+      return seqs[0].status is _FINISHED
+    return all(s.status is _FINISHED for s in seqs)
 
   @property
   def num_seats(self) -> int:
