@@ -269,8 +269,7 @@ def test_async_scheduling_registers_every_full_block_of_known_tokens():
            SamplingParams(max_tokens=33, temperature=0.0, ignore_eos=True)]
   caches = {}
   for async_scheduling in (True, False):
-    llm = LLM(num_blocks=256, max_num_seqs=8, max_num_batched_tokens=64,
-              async_scheduling=async_scheduling)
+    llm = LLM(num_blocks=256, max_num_seqs=8, async_scheduling=async_scheduling)
     bm, sched = llm.scheduler.bm, llm.scheduler
     schedule, fed = sched.schedule, []
 
