@@ -29,7 +29,10 @@ sequence its tokens, first position, block table and which sample streams to dra
 plus the block copies (swap-out, swap-in, copy-on-write) to run first, in that order.
 After the step, `update_from_output` appends the sampled tokens, applies token-level
 stop rules, forks parallel samples and beams, and frees what finished. The scheduler
-is the only writer of block state.
+is the only writer of block state. The usual step of a busy engine (nothing waiting or
+swapped out, every request one decoding sequence, the blocks free) is built by a
+two-pass path and applied in one pass; it is the general path's step (tested step by
+step).
 
 Groups of several sequences (n > 1 samples or beams) advance in lockstep: they decode
 only when every sequence has all but its last token cached. After a recompute

@@ -537,7 +537,8 @@ class LLM:
         pass
     self._rebuild_lost_state([g for g in so.groups if not g.is_finished])
 
-  def _touched(self, groups: list[SequenceGroup], failed: list[SequenceGroup] = ()):
+  def _touched(self, groups: list[SequenceGroup],
+               failed: list[SequenceGroup] = ()) -> list[SequenceGroup]:
     """The groups a step advanced (each once) and those it failed; forgets finished ones."""
     if failed:  # (a failed group may be one the step advanced too)
       groups = list({g.request_id: g for g in groups + failed}.values())
