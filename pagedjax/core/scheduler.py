@@ -788,14 +788,11 @@ class Scheduler:
       if not k or seq.is_finished:
         continue
       try:
-        p = group.params
-        if k == 1 and group.forked and p.logprobs is None and not p.use_beam_search:
-          # (_sample_step's one-sample case, inline: most rows)
-          seq.append_token(int(result.tokens[first]), float(result.logprobs[first]))
-          self._check_stop(seq, group)
+        rows = ((s, first),) if k == 1 else [(s, first + j) for j in range(k)]
+        if group.params.use_beam_search:
+          self._beam_step(group, rows, result)
         else:
-          rows = [(s, first + j) for j in range(k)]
-          (self._beam_step if p.use_beam_search else self._sample_step)(group, rows, result)
+          self._sample_step(group, rows, result)  # (its one-sample case: most rows)
         if after_token is not None:
           after_token(group)
       except Exception as e:  # noqa: BLE001  (isolation, as in _update_single_step)
